@@ -1,0 +1,172 @@
+"""The job configuration: one dataclass per TOML section, every field typed and defaulted.
+
+Allowed values for string fields are declared next to the field with `choices(...)`, so
+validation and the error messages come from the same place as the definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def choices(default, *allowed, help: str = ""):
+    """A field whose value must be one of `allowed` (checked by config.manager)."""
+    return field(default=default, metadata={"choices": allowed, "help": help})
+
+
+def doc(default, help: str, **kw):
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class Job:
+    config_file: str = doc("", "TOML file this job was loaded from")
+    run_name: str = doc("debug", "name of the run; outputs go to <output_dir>/<run_name>")
+    output_dir: str = doc("outputs", "root folder for all runs")
+    seed: int = doc(42, "global seed; each rank derives its own streams from it")
+    description: str = doc("", "free text shown in the logs")
+
+
+@dataclass
+class Model:
+    name: str = choices("sd3", "sd3", "flux", "qwen_image", "bagel", help="model family")
+    flavor: str = doc("debug", "named hyper-parameter set from the family's args.py (used when pretrained_path is empty)")
+    pretrained_path: str = doc("", "local diffusers pipeline directory (or the family's native directory); empty = random-init flavor")
+    dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the trained (master) weights")
+    compute_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the forward pass (FSDP mixed-precision param dtype)")
+    encoder_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of frozen text encoders")
+    vae_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the frozen VAE")
+    resolution: int = doc(512, "image height and width in pixels")
+    max_sequence_length: int = doc(128, "T5/LLM text tokens (the reference uses 128 for SD3 training)")
+
+
+@dataclass
+class Sampling:
+    num_steps: int = doc(10, "denoising steps during rollout")
+    guidance_scale: float = doc(4.5, "CFG scale during rollout (<= 1 disables CFG)")
+    noise_level: float = doc(0.7, "SDE noise level a")
+    sde_type: str = choices("sde", "sde", "cps", help="stochastic step used inside the SDE window")
+    negative_prompt: str = doc("", "prompt of the unconditional CFG branch")
+    num_image_per_prompt: int = doc(24, "group size G")
+    batch_size: int = doc(9, "prompts (with repeats) per rank per sampling round (B)")
+    num_batches_per_epoch: int = doc(4, "sampling rounds per epoch (n_b)")
+    same_latent: bool = doc(False, "all members of a group start from the same initial noise")
+    sde_window_size: int = doc(0, "Flow-GRPO-Fast: number of SDE steps (0 = SDE on every step)")
+    sde_window_range: list = doc(lambda: [0, 10], "Flow-GRPO-Fast: [lo, hi) range the window is placed in")
+
+
+@dataclass
+class RL:
+    algorithm: str = choices("grpo", "grpo", "dpo", "sft", help="training algorithm")
+    clip_range: float = doc(1e-4, "PPO clip range epsilon")
+    adv_clip_max: float = doc(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
+    beta: float = doc(0.0, "weight of the KL to the reference policy (0 = no reference model)")
+    timestep_fraction: float = doc(0.99, "train the first floor(T * fraction) steps")
+    global_std: bool = doc(True, "normalise advantages by the std of all rewards instead of the group's")
+    per_prompt_stat_tracking: bool = doc(True, "advantages relative to the prompt's group mean")
+    train_cfg: bool = doc(True, "use the same CFG as rollout in the training forward")
+    num_inner_epochs: int = doc(1, "passes over each epoch's collected data")
+
+
+@dataclass
+class Optimizer:
+    name: str = choices("adamw", "adamw", help="optimizer")
+    lr: float = doc(3e-4, "learning rate (constant, as the reference)")
+    beta1: float = doc(0.9, "AdamW beta1")
+    beta2: float = doc(0.999, "AdamW beta2")
+    weight_decay: float = doc(1e-4, "AdamW weight decay")
+    eps: float = doc(1e-8, "AdamW epsilon")
+    max_grad_norm: float = doc(1.0, "global gradient norm clip (<= 0 disables)")
+
+
+@dataclass
+class Training:
+    steps: int = doc(100, "RL epochs to run (one epoch = rollout of n_b batches + its optimizer updates)")
+    gradient_accumulation_steps: int = doc(2, "training batches per optimizer update")
+    ema: bool = doc(True, "keep an EMA of the trained weights (used for eval and export)")
+    ema_update_interval: int = doc(8, "EMA is updated every this many optimizer steps (reference: 8)")
+    ema_max_decay: float = doc(0.9, "EMA decay is min((1+k)/(10+k), ema_max_decay)")
+    device: str = choices("auto", "auto", "cpu", "cuda", help="auto = cuda when available")
+    deterministic: bool = doc(False, "torch.use_deterministic_algorithms (slower on GPU)")
+
+
+@dataclass
+class Parallelism:
+    data_parallel_shard_degree: int = doc(-1, "FSDP shard degree (-1 = all ranks not used by replicate)")
+    data_parallel_replicate_degree: int = doc(1, "HSDP replicate degree")
+    fsdp_reshard_after_forward: str = choices("default", "default", "always", "never")
+    backend: str = choices("auto", "auto", "nccl", "gloo", help="auto = nccl on CUDA, gloo on CPU")
+    timeout_seconds: int = doc(600, "collective timeout; a hung rank fails the job after this")
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = choices("none", "none", "full", "selective")
+    selective_every_n_blocks: int = doc(2, "with mode=selective, checkpoint every n-th block")
+
+
+@dataclass
+class Compile:
+    enable: bool = doc(False, "torch.compile each transformer block")
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = doc(False, "save DCP checkpoints")
+    folder: str = doc("checkpoint", "subfolder of the run directory")
+    interval: int = doc(10, "save every this many epochs")
+    keep_latest_k: int = doc(3, "keep only the newest k checkpoints (0 = keep all)")
+    async_mode: str = choices("disabled", "disabled", "async")
+    load_step: int = doc(-1, "resume from this step (-1 = the latest complete checkpoint)")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = doc(1, "log scalars every this many epochs")
+    enable_tensorboard: bool = doc(True, "write TensorBoard events under <run>/tb")
+    image_log_freq: int = doc(10, "log an image grid every this many epochs (0 = never)")
+    num_log_images: int = doc(8, "images in the logged grid")
+
+
+@dataclass
+class Reward:
+    fns: dict = doc(lambda: {"jpeg_compressibility": 1.0}, "reward name -> weight (weight 0 = logged only)")
+    model_paths: dict = doc(dict, "reward name -> local model directory or file")
+    device: str = doc("", "device of the reward models (empty = the trainer's device)")
+
+
+@dataclass
+class Data:
+    path: str = doc("", "dataset folder (with train.txt/test.txt or *_metadata.jsonl); empty = built-in debug prompts")
+    format: str = choices("auto", "auto", "text", "geneval", help="auto = jsonl -> geneval, txt -> text")
+    train_split: str = doc("train", "split used for training")
+    test_split: str = doc("test", "split used for eval")
+
+
+@dataclass
+class Eval:
+    freq: int = doc(0, "evaluate every this many epochs (0 = never)")
+    num_steps: int = doc(40, "ODE steps during eval")
+    guidance_scale: float = doc(4.5, "CFG scale during eval")
+    batch_size: int = doc(16, "prompts per rank per eval batch")
+    max_prompts: int = doc(0, "evaluate on at most this many test prompts (0 = all)")
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    sampling: Sampling = field(default_factory=Sampling)
+    rl: RL = field(default_factory=RL)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    reward: Reward = field(default_factory=Reward)
+    data: Data = field(default_factory=Data)
+    eval: Eval = field(default_factory=Eval)
