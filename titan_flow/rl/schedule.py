@@ -1,0 +1,104 @@
+"""Sigma schedules: the (T+1,) float32 noise levels a sampler walks from 1 down to 0.
+
+Every function returns T denoising steps as T+1 sigmas ending in an exact 0. The SD3 schedule is
+computed the way diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps` computes it, so the
+sigmas (and the timesteps 1000*sigma the SD3 backbone sees) are bitwise those of the published
+pipelines; the dynamic (FLUX / Qwen-Image) schedules are computed in float64 and agree with diffusers
+to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def _check_num_steps(num_steps: int) -> None:
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+
+
+def _with_terminal_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas.to(torch.float32), torch.zeros(1, dtype=torch.float32)])
+
+
+def _shift_static(sigma, shift: float):
+    """SD3's static time shift s*t / (1 + (s-1)*t): more steps at high noise for s > 1."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def _shift_exponential(sigma, mu: float):
+    """FLUX's resolution-dependent shift e^mu / (e^mu + 1/t - 1); equals the static shift with s = e^mu."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
+
+
+def _stretch_to_terminal(sigmas: torch.Tensor, shift_terminal: float) -> torch.Tensor:
+    """Rescale 1 - sigma so that the last non-zero sigma becomes `shift_terminal` (Qwen-Image uses 0.02)."""
+    if not 0.0 < shift_terminal < 1.0:
+        raise ValueError(f"shift_terminal must lie in (0, 1), got {shift_terminal}")
+    one_minus = 1 - sigmas
+    scale = one_minus[-1] / (1 - shift_terminal)
+    return 1 - one_minus / scale
+
+
+def static_shift_sigmas(num_steps: int, shift: float, shift_terminal: float | None = None) -> torch.Tensor:
+    """SD3 / SD3.5: `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)`, bit for bit.
+
+    The grid runs from 1 to the scheduler's training sigma_min, which is the *already shifted* value
+    at t = 1/1000 and is then shifted a second time (a diffusers quirk the published models sample
+    with). sigma_min is computed in float32 like the scheduler's training table, the grid and the
+    shift in float64 like `set_timesteps`, and the result is rounded once to float32.
+    """
+    _check_num_steps(num_steps)
+    first_train_t = torch.tensor([1.0], dtype=torch.float32) / NUM_TRAIN_TIMESTEPS
+    sigma_min = _shift_static(first_train_t, shift).item()
+    sigma_max = 1.0  # the static shift maps t = 1 to exactly 1
+    grid = np.linspace(sigma_max * NUM_TRAIN_TIMESTEPS, sigma_min * NUM_TRAIN_TIMESTEPS, num_steps)
+    sigmas = torch.from_numpy(_shift_static(grid / NUM_TRAIN_TIMESTEPS, shift))
+    if shift_terminal is not None:
+        sigmas = _stretch_to_terminal(sigmas, shift_terminal)
+    return _with_terminal_zero(sigmas)
+
+
+def flux_mu(
+    image_seq_len: int,
+    base_seq: int = 256,
+    max_seq: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """Resolution-dependent shift exponent: linear in the number of packed latent tokens.
+
+    FLUX defaults; Qwen-Image passes max_seq=8192, max_shift=0.9 (its scheduler config).
+    """
+    slope = (max_shift - base_shift) / (max_seq - base_seq)
+    return base_shift + slope * (image_seq_len - base_seq)
+
+
+def dynamic_shift_sigmas(num_steps: int, mu: float, shift_terminal: float | None = None) -> torch.Tensor:
+    """FLUX / Qwen-Image: linspace(1, 1/T, T) then the exponential time shift with exponent mu.
+
+    Matches their pipelines (which pass these sigmas and mu to a `use_dynamic_shifting` scheduler)
+    to float32 rounding; Qwen-Image additionally stretches to `shift_terminal`.
+    """
+    _check_num_steps(num_steps)
+    grid = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    sigmas = _shift_exponential(grid, mu)
+    if shift_terminal is not None:
+        sigmas = _stretch_to_terminal(sigmas, shift_terminal)
+    return _with_terminal_zero(sigmas)
+
+
+def shifted_linear_sigmas(num_steps: int, shift: float) -> torch.Tensor:
+    """Bagel: t = linspace(1, 0, T) shifted by s*t / (1 + (s-1)*t), in float32 like its sampler.
+
+    Bagel counts "timesteps" as the T points of this grid, so its T timesteps are T-1 steps:
+    pass num_steps = T - 1 to get its table.
+    """
+    _check_num_steps(num_steps)
+    grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32)
+    return _shift_static(grid, shift)
