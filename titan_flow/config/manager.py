@@ -220,5 +220,15 @@ def build_job_config(argv: list[str] | None = None) -> JobConfig:
     return cfg
 
 
+def job_config_from_dict(data: dict) -> JobConfig:
+    """Rebuild a JobConfig from `to_dict` output (a run's config.json), validating every field."""
+    cfg = JobConfig()
+    for section, table in data.items():
+        for key, value in table.items():
+            _set(cfg, section, key, value, from_cli=False)
+    validate(cfg)
+    return cfg
+
+
 def to_dict(cfg: JobConfig) -> dict:
     return dataclasses.asdict(cfg)

@@ -1,0 +1,72 @@
+"""Model families by name: what the trainer, sampler and exporter need to know about each backbone.
+
+A family's package (`titan_flow/models/<name>/__init__.py`) defines `SPEC = ModelSpec(...)`; the
+registry imports it only when asked, so loading a config never imports diffusers or transformers.
+
+The Policy interface every `pipeline_cls` implements (all rl/ ever sees of a family):
+
+    pipe = pipeline_cls.load(pretrained_path, device=..., encoder_dtype=..., vae_dtype=...,
+                             resolution=..., max_sequence_length=..., negative_prompt=..., seed=...)
+    cond   = pipe.encode(prompts, images=None, model=None)  # dict of tensors (and caches), batch-first
+    x      = pipe.initial_noise(n, generator)               # fp32 latents; generator or one per sample
+    v      = pipe.velocity(model, x, sigma, cond, guidance_scale)   # fp32, CFG inside, sigma (B,) in [0,1]
+    images = pipe.decode(x)                                 # float NCHW in [0, 1]
+    sigmas = pipe.sigmas(num_steps)                         # (T+1,) fp32, ends with 0
+
+`model` is passed to `encode` because some families (Bagel) encode the prompt with the backbone
+itself; families with separate text encoders ignore it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+FAMILIES = ("sd3", "flux", "qwen_image", "bagel")
+PORTED = ("sd3", "bagel")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    flavors: dict[str, Any]  # flavor name -> args dataclass instance
+    model_cls: type[nn.Module]  # built as model_cls(args); has init_weights()
+    from_pretrained_fn: Callable[..., nn.Module]  # (path, dtype, device) -> loaded model
+    to_diffusers: Callable[[dict], dict]  # our state dict -> the family's published key format
+    from_diffusers: Callable[[dict], dict]  # the published key format -> ours
+    pipeline_cls: type
+    parallelize: Callable[..., nn.Module]  # (model, dims, cfg, trainable) -> model
+
+    def args(self, flavor: str):
+        if flavor not in self.flavors:
+            raise KeyError(
+                f"model.flavor: {flavor!r} is not a flavor of {self.name}; choose one of {', '.join(self.flavors)}"
+            )
+        return self.flavors[flavor]
+
+    def build(self, flavor: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+        """Random-init model: constructed on the meta device, then materialised and initialised."""
+        with torch.device("meta"):
+            model = self.model_cls(self.args(flavor))
+        model.to_empty(device=device)
+        model.init_weights()
+        return model.to(dtype)
+
+    def from_pretrained(self, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        return self.from_pretrained_fn(path, dtype=dtype, device=device)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    if name not in FAMILIES:
+        raise KeyError(f"model.name: unknown model family {name!r}; choose one of {', '.join(FAMILIES)}")
+    if name not in PORTED:
+        raise NotImplementedError(
+            f"model.name: the {name!r} backbone is not ported yet; ported families: {', '.join(PORTED)}"
+        )
+    return importlib.import_module(f"titan_flow.models.{name}").SPEC
+
