@@ -1,0 +1,416 @@
+"""SD3 / SD3.5 as a Policy (models/registry.py): frozen text encoders and VAE around our MMDiT.
+
+The text encoders (CLIP-L, OpenCLIP-bigG, T5-XXL), tokenizers and VAE come from transformers /
+diffusers and are loaded from a local diffusers pipeline directory; the backbone is not loaded
+here (the trainer builds our own `SD3Transformer` and passes it in). Every step follows
+`StableDiffusion3Pipeline`'s recipe so that sampling with this class reproduces diffusers' images.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from titan_flow.models.sd3.args import FLAVORS
+from titan_flow.rl.schedule import NUM_TRAIN_TIMESTEPS, static_shift_sigmas
+
+# What `load` needs in each subfolder: any one of the alternatives (a tuple of files that must all exist).
+_LAYOUT = {
+    "text_encoder": ("CLIP-L text encoder (CLIPTextModelWithProjection)", [("config.json",)]),
+    "text_encoder_2": ("CLIP-G text encoder (CLIPTextModelWithProjection)", [("config.json",)]),
+    "text_encoder_3": ("T5 text encoder (T5EncoderModel)", [("config.json",)]),
+    "tokenizer": ("CLIP-L tokenizer", [("tokenizer.json",), ("vocab.json", "merges.txt")]),
+    "tokenizer_2": ("CLIP-G tokenizer", [("tokenizer.json",), ("vocab.json", "merges.txt")]),
+    "tokenizer_3": ("T5 tokenizer", [("tokenizer.json",), ("spiece.model",)]),
+    "vae": ("VAE (AutoencoderKL)", [("config.json",)]),
+    "scheduler": ("FlowMatchEulerDiscreteScheduler config", [("scheduler_config.json",)]),
+}
+
+# Scheduler options that would change the sigma schedule in ways `sigmas()` does not reproduce.
+_UNSUPPORTED_SCHEDULER_FLAGS = (
+    "use_dynamic_shifting",
+    "invert_sigmas",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "stochastic_sampling",
+)
+
+
+def _check_layout(root: Path) -> None:
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"model.pretrained_path: {str(root)!r} is not a directory; give a local diffusers SD3 pipeline "
+            "directory (e.g. a snapshot of stabilityai/stable-diffusion-3.5-medium), or '' for the tiny random one"
+        )
+    for sub, (what, alternatives) in _LAYOUT.items():
+        if not any(all((root / sub / name).is_file() for name in files) for files in alternatives):
+            expected = " or ".join("+".join(files) for files in alternatives)
+            raise FileNotFoundError(
+                f"model.pretrained_path: {root / sub} must hold the {what} ({expected}), but it does not; "
+                "is this a diffusers StableDiffusion3Pipeline directory?"
+            )
+
+
+def _read_scheduler_config(root: Path) -> tuple[float, float | None]:
+    path = root / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    enabled = [flag for flag in _UNSUPPORTED_SCHEDULER_FLAGS if config.get(flag)]
+    if enabled:
+        raise ValueError(f"{path}: {enabled} are not supported for SD3; only the static `shift` schedule is")
+    if config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS) != NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"{path}: num_train_timesteps must be {NUM_TRAIN_TIMESTEPS}, got {config['num_train_timesteps']}")
+    return float(config.get("shift", 1.0)), config.get("shift_terminal")
+
+
+class SD3Pipeline:
+    """Conditioning, CFG velocity, noise, decoding and sigmas for SD3-family backbones."""
+
+    def __init__(
+        self,
+        *,
+        clip_tokenizers: Sequence,
+        clip_encoders: Sequence[torch.nn.Module],
+        t5_tokenizer,
+        t5_encoder: torch.nn.Module,
+        vae: torch.nn.Module,
+        shift: float,
+        shift_terminal: float | None,
+        device: torch.device | str,
+        resolution: int,
+        max_sequence_length: int,
+        negative_prompt: str,
+    ):
+        self.device = torch.device(device)
+        self.clip_tokenizers = list(clip_tokenizers)
+        self.clip_encoders = [encoder.to(self.device).eval().requires_grad_(False) for encoder in clip_encoders]
+        self.t5_tokenizer = t5_tokenizer
+        self.t5_encoder = t5_encoder.to(self.device).eval().requires_grad_(False)
+        self.vae = vae.to(self.device).eval().requires_grad_(False)
+        self.shift = shift
+        self.shift_terminal = shift_terminal
+        self.max_sequence_length = max_sequence_length
+        # Both CLIPs read 77 tokens (their position table), like diffusers' `tokenizer_max_length`.
+        self.clip_max_length = self.clip_encoders[0].config.max_position_embeddings
+
+        clip_width = sum(encoder.config.hidden_size for encoder in self.clip_encoders)
+        t5_width = self.t5_encoder.config.d_model
+        if clip_width > t5_width:
+            raise ValueError(
+                f"SD3 text encoders: the CLIP widths sum to {clip_width}, more than the T5 width {t5_width}; "
+                "SD3 zero-pads CLIP features up to the T5 width, so this combination cannot be used"
+            )
+
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        patch_pixels = 2 * self.vae_scale_factor  # SD3 patchifies the latent 2x2
+        if resolution <= 0 or resolution % patch_pixels:
+            raise ValueError(
+                f"model.resolution: {resolution} must be a positive multiple of {patch_pixels} "
+                f"(VAE downsampling {self.vae_scale_factor} x SD3 patch size 2)"
+            )
+        self.resolution = resolution
+
+        negative_embeds, negative_pooled = self._encode_text([negative_prompt])
+        self._negative = {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
+
+    @classmethod
+    def load(
+        cls,
+        pretrained_path: str,
+        *,
+        device: torch.device | str,
+        encoder_dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype = torch.float32,
+        resolution: int = 512,
+        max_sequence_length: int = 128,
+        negative_prompt: str = "",
+        seed: int = 0,
+    ) -> SD3Pipeline:
+        """Load from a diffusers SD3 pipeline directory; '' builds the tiny random pipeline from `seed`."""
+        kwargs = dict(
+            device=device,
+            encoder_dtype=encoder_dtype,
+            vae_dtype=vae_dtype,
+            resolution=resolution,
+            max_sequence_length=max_sequence_length,
+            negative_prompt=negative_prompt,
+        )
+        if not pretrained_path:
+            with tempfile.TemporaryDirectory(prefix="titan_flow_tiny_sd3_") as tmp:
+                return cls.load(str(build_tiny_sd3_pipeline_dir(tmp, seed=seed)), **kwargs)
+
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        root = Path(pretrained_path)
+        _check_layout(root)
+        shift, shift_terminal = _read_scheduler_config(root)
+        return cls(
+            clip_tokenizers=[CLIPTokenizer.from_pretrained(root / name) for name in ("tokenizer", "tokenizer_2")],
+            clip_encoders=[
+                CLIPTextModelWithProjection.from_pretrained(root / name, dtype=encoder_dtype)
+                for name in ("text_encoder", "text_encoder_2")
+            ],
+            t5_tokenizer=T5TokenizerFast.from_pretrained(root / "tokenizer_3"),
+            t5_encoder=T5EncoderModel.from_pretrained(root / "text_encoder_3", dtype=encoder_dtype),
+            vae=AutoencoderKL.from_pretrained(root / "vae", dtype=vae_dtype),
+            shift=shift,
+            shift_terminal=shift_terminal,
+            device=device,
+            resolution=resolution,
+            max_sequence_length=max_sequence_length,
+            negative_prompt=negative_prompt,
+        )
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.resolution // self.vae_scale_factor
+        return (self.vae.config.latent_channels, side, side)
+
+    @torch.no_grad()
+    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SD3's conditioning: [CLIP-L || CLIP-G penultimate states, zero-padded to T5 width ; T5] and pooled CLIPs."""
+        clip_states, clip_pooled = [], []
+        for tokenizer, encoder in zip(self.clip_tokenizers, self.clip_encoders):
+            ids = tokenizer(
+                prompts, padding="max_length", max_length=self.clip_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
+            out = encoder(ids.to(self.device), output_hidden_states=True)
+            clip_states.append(out.hidden_states[-2])
+            clip_pooled.append(out.text_embeds)
+        ids = self.t5_tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        t5_states = self.t5_encoder(ids.to(self.device)).last_hidden_state
+
+        clip_states = torch.cat(clip_states, dim=-1)
+        clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+        prompt_embeds = torch.cat([clip_states, t5_states], dim=1)
+        return prompt_embeds.float(), torch.cat(clip_pooled, dim=-1).float()
+
+    def encode(self, prompts: Sequence[str], images=None, model=None) -> dict[str, torch.Tensor]:
+        """fp32 conditioning for a batch of prompts; the cached negative prompt is expanded to the batch."""
+        if images is not None:
+            raise ValueError("SD3 is text-to-image only: encode() takes no conditioning images (got images)")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompt_embeds, pooled = self._encode_text(prompts)
+        batch = len(prompts)
+        return {
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": self._negative["negative_prompt_embeds"].expand(batch, -1, -1),
+            "negative_pooled_prompt_embeds": self._negative["negative_pooled_prompt_embeds"].expand(batch, -1),
+        }
+
+    def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+        """N(0, I) latents drawn on the generator's device (as diffusers' randn_tensor does), then moved."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise ValueError(f"initial_noise: got {len(generator)} generators for {n} samples; pass one per sample")
+            noise = torch.cat(
+                [torch.randn((1, *self.latent_shape), generator=g, device=g.device) for g in generator]
+            )
+        else:
+            device = generator.device if generator is not None else self.device
+            noise = torch.randn((n, *self.latent_shape), generator=generator, device=device)
+        return noise.to(self.device)
+
+    def velocity(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """fp32 velocity at noise level sigma (B,); with guidance > 1, one forward over [uncond; cond].
+
+        Differentiable in the model's parameters through both CFG branches (training reuses it).
+        """
+        prompt_embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
+        timestep = sigma.float() * NUM_TRAIN_TIMESTEPS
+        use_cfg = guidance_scale > 1
+        if use_cfg:
+            x = torch.cat([x, x])
+            timestep = torch.cat([timestep, timestep])
+            prompt_embeds = torch.cat([cond["negative_prompt_embeds"], prompt_embeds])
+            pooled = torch.cat([cond["negative_pooled_prompt_embeds"], pooled])
+        dtype = next(model.parameters()).dtype
+        v = model(
+            hidden_states=x.to(dtype),
+            encoder_hidden_states=prompt_embeds.to(dtype),
+            pooled_projections=pooled.to(dtype),
+            timestep=timestep,
+        ).float()
+        if not use_cfg:
+            return v
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> float NCHW images in [0, 1]."""
+        config = self.vae.config
+        latents = latents / config.scaling_factor + config.shift_factor
+        images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        return static_shift_sigmas(num_steps, self.shift, self.shift_terminal).to(self.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny random pipeline (tests, the debug job): a complete diffusers-format directory that
+# diffusers' StableDiffusion3Pipeline.from_pretrained and SD3Pipeline.load both read, no downloads.
+
+_TINY_WORDS = (
+    "a an the of on in with and photo picture image cat dog red blue green sign that says "
+    "two three four car tree house person"
+).split()
+
+
+def _tiny_clip_tokenizer(out_dir: Path) -> None:
+    """Byte-level BPE in CLIP's format (vocab.json + merges.txt): every byte, plus whole-word merges."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    bytes_alphabet = sorted(ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(bytes_alphabet + [c + "</w>" for c in bytes_alphabet])}
+    merges = []
+    for word in _TINY_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = [pair[0] + pair[1]] + pieces[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+
+    out_dir.mkdir(parents=True)
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special_tokens = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, **special_tokens}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _tiny_t5_tokenizer(out_dir: Path):
+    """Unigram vocabulary in T5's layout (pad 0, eos 1, unk 2): whole words beat spelling them out."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [("\u2581" + word, -2.0) for word in _TINY_WORDS]
+    pieces += [(char, -5.0) for char in string.ascii_letters + string.digits + string.punctuation]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def build_tiny_sd3_pipeline_dir(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a random diffusers SD3 pipeline whose shapes match the "debug" backbone flavor.
+
+    T5 width = joint_attention_dim (32), CLIP widths 8 + 16 (zero-padded to 32), CLIP projections
+    8 + 16 = pooled_projection_dim (24), a 4-channel VAE with 8x downsampling. The transformer/ is a
+    random diffusers `SD3Transformer2DModel` with the debug config so diffusers can run the whole
+    pipeline as a reference. Every component is seeded from `seed`, so the directory is reproducible.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    out_dir = Path(out_dir)
+    debug = FLAVORS["debug"]
+    # CLIP-L gets a third of the pooled width, CLIP-G the rest (SD3: 768 + 1280); hidden = projection width.
+    clip_l_width = debug.pooled_projection_dim // 3
+    clip_widths = (clip_l_width, debug.pooled_projection_dim - clip_l_width)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        _tiny_clip_tokenizer(scratch / "clip")
+        clip_tokenizer = CLIPTokenizer.from_pretrained(scratch / "clip")
+        t5_tokenizer = _tiny_t5_tokenizer(scratch / "t5")
+
+    def seeded(offset: int, build):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + offset)
+            return build()
+
+    def clip_encoder(width: int, hidden_act: str) -> CLIPTextModelWithProjection:
+        config = CLIPTextConfig(
+            vocab_size=len(clip_tokenizer),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            projection_dim=width,
+            hidden_act=hidden_act,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=clip_tokenizer.bos_token_id,
+            eos_token_id=clip_tokenizer.eos_token_id,
+            pad_token_id=clip_tokenizer.pad_token_id,
+        )
+        return CLIPTextModelWithProjection(config)
+
+    t5_config = T5Config(
+        vocab_size=len(t5_tokenizer),
+        d_model=debug.joint_attention_dim,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=t5_tokenizer.pad_token_id,
+        eos_token_id=t5_tokenizer.eos_token_id,
+    )
+    vae_args = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplings: 8x
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=debug.in_channels,
+        sample_size=debug.sample_size * 8,
+        scaling_factor=1.5305,  # SD3's VAE constants
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=seeded(1, lambda: SD3Transformer2DModel(**asdict(debug))),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=seeded(2, lambda: AutoencoderKL(**vae_args)),
+        text_encoder=seeded(3, lambda: clip_encoder(clip_widths[0], "quick_gelu")),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=seeded(4, lambda: clip_encoder(clip_widths[1], "gelu")),
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=seeded(5, lambda: T5EncoderModel(t5_config)),
+        tokenizer_3=t5_tokenizer,
+    )
+    pipeline.save_pretrained(out_dir)
+    for name in ("tokenizer", "tokenizer_2"):  # the published layout: CLIP tokenizers as vocab.json + merges.txt
+        shutil.rmtree(out_dir / name)
+        _tiny_clip_tokenizer(out_dir / name)
+    return out_dir
