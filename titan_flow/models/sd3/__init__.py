@@ -1,0 +1,21 @@
+"""SD3 / SD3.5 family: MMDiT backbone, checkpoint adapter, Policy pipeline and parallelism plan."""
+
+from titan_flow.models.registry import ModelSpec
+from titan_flow.models.sd3.args import FLAVORS, SD3Args
+from titan_flow.models.sd3.model import SD3Transformer
+from titan_flow.models.sd3.parallelize import parallelize_sd3
+from titan_flow.models.sd3.pipeline import SD3Pipeline
+from titan_flow.models.sd3.state_dict_adapter import from_diffusers, from_pretrained, to_diffusers
+
+SPEC = ModelSpec(
+    name="sd3",
+    flavors=FLAVORS,
+    model_cls=SD3Transformer,
+    from_pretrained_fn=from_pretrained,
+    to_diffusers=to_diffusers,
+    from_diffusers=from_diffusers,
+    pipeline_cls=SD3Pipeline,
+    parallelize=parallelize_sd3,
+)
+
+__all__ = ["FLAVORS", "SPEC", "SD3Args", "SD3Transformer"]

@@ -1,0 +1,348 @@
+"""SD3 checkpoints <-> our model: diffusers `transformer/` directories and SAI single files.
+
+Our module names are diffusers', so the diffusers mapping is the identity; it is still checked key
+by key and shape by shape so that a wrong checkpoint fails with the offending keys named. The SAI
+single-file format (`sd3.5_medium.safetensors`, keys under `model.diffusion_model.`) fuses q/k/v
+and stores the continuous adaLN halves as (shift, scale); one key table drives both directions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from titan_flow.models.sd3.args import SD3Args
+from titan_flow.models.sd3.model import SD3Transformer
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+ORIGINAL_PREFIX = "model.diffusion_model."
+SAI_HEAD_DIM = 64  # every SAI MMDiT uses 64-wide heads (hidden = 64 * depth)
+
+
+def _listing(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _block_indices(keys, prefix: str) -> list[int]:
+    return sorted({int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)})
+
+
+def infer_args(state_dict: dict[str, torch.Tensor], head_dim: int | None = None) -> SD3Args:
+    """SD3Args from a state dict in our (= diffusers) key format.
+
+    Everything but the head split and `sample_size` is in the shapes. The head width is the qk-norm
+    width when the checkpoint has qk-norm (SD3.5), else SAI's 64. `sample_size` only scales the
+    coordinates of the pos-embed table, which the checkpoint carries, so SAI's 128 is used.
+    """
+    try:
+        dim, in_channels, patch_size, _ = state_dict["pos_embed.proj.weight"].shape
+        grid_len = state_dict["pos_embed.pos_embed"].shape[1]
+        joint_dim = state_dict["context_embedder.weight"].shape[1]
+        caption_dim = state_dict["context_embedder.weight"].shape[0]
+        pooled_dim = state_dict["time_text_embed.text_embedder.linear_1.weight"].shape[1]
+        out_features = state_dict["proj_out.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not an SD3 transformer state dict: key {e} is missing") from None
+    layers = _block_indices(state_dict, "transformer_blocks.")
+    if not layers:
+        raise ValueError("not an SD3 transformer state dict: no transformer_blocks.* keys")
+    norm_q = state_dict.get("transformer_blocks.0.attn.norm_q.weight")
+    if head_dim is None:
+        head_dim = norm_q.shape[0] if norm_q is not None else SAI_HEAD_DIM
+    if dim % head_dim:
+        raise ValueError(
+            f"cannot infer the attention heads: inner dim {dim} is not a multiple of the head width {head_dim} "
+            "(a checkpoint without qk-norm weights does not record it); use a diffusers directory with a config.json"
+        )
+    side = math.isqrt(grid_len)
+    return SD3Args(
+        patch_size=patch_size,
+        in_channels=in_channels,
+        num_layers=layers[-1] + 1,
+        attention_head_dim=head_dim,
+        num_attention_heads=dim // head_dim,
+        joint_attention_dim=joint_dim,
+        caption_projection_dim=caption_dim,
+        pooled_projection_dim=pooled_dim,
+        out_channels=out_features // patch_size**2,
+        pos_embed_max_size=side,
+        dual_attention_layers=tuple(i for i in layers if f"transformer_blocks.{i}.attn2.to_q.weight" in state_dict),
+        qk_norm="rms_norm" if norm_q is not None else None,
+    )
+
+
+def check_state_dict(state_dict: dict[str, torch.Tensor], args: SD3Args, source: str = "state dict") -> None:
+    """Raise naming every missing, unexpected and mis-shaped key against the model `args` builds."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in SD3Transformer(args).state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(shape)})"
+        for k, shape in expected.items()
+        if k in state_dict and state_dict[k].shape != shape
+    ]
+    problems = [
+        f"{name}: {_listing(keys)}"
+        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+        if keys
+    ]
+    if problems:
+        raise ValueError(f"{source} does not match the SD3 model of {args}: " + "; ".join(problems))
+
+
+def from_diffusers(state_dict: dict[str, torch.Tensor], args: SD3Args | None = None) -> dict[str, torch.Tensor]:
+    """Diffusers keys -> ours (identity), validated against `args` or the layout the shapes imply."""
+    if args is None:
+        # The head split changes no shape, so without qk-norm weights a single head validates the keys.
+        proj = state_dict.get("pos_embed.proj.weight")
+        has_qk_norm = "transformer_blocks.0.attn.norm_q.weight" in state_dict
+        args = infer_args(state_dict, head_dim=None if has_qk_norm or proj is None else proj.shape[0])
+    check_state_dict(state_dict, args)
+    return dict(state_dict)
+
+
+def to_diffusers(state_dict: dict[str, torch.Tensor], args: SD3Args | None = None) -> dict[str, torch.Tensor]:
+    """Our keys -> diffusers (identity), validated like `from_diffusers`."""
+    return from_diffusers(state_dict, args)
+
+
+# --- SAI single-file format -------------------------------------------------------------------
+
+
+def _original_key_table(num_layers: int, dual_layers: set[int], qk_norm: bool) -> list[tuple[str, tuple[str, ...], str]]:
+    """(original key, our keys, how): 'copy', 'qkv' (original is [q; k; v] along dim 0) or 'swap'
+    (original stores (shift, scale), ours (scale, shift))."""
+    table = []
+
+    def add(original: str, ours: list[str], how: str = "copy", suffixes=("weight", "bias")):
+        for s in suffixes:
+            table.append((f"{original}.{s}", tuple(f"{o}.{s}" for o in ours), how))
+
+    table.append(("pos_embed", ("pos_embed.pos_embed",), "copy"))
+    add("x_embedder.proj", ["pos_embed.proj"])
+    add("t_embedder.mlp.0", ["time_text_embed.timestep_embedder.linear_1"])
+    add("t_embedder.mlp.2", ["time_text_embed.timestep_embedder.linear_2"])
+    add("y_embedder.mlp.0", ["time_text_embed.text_embedder.linear_1"])
+    add("y_embedder.mlp.2", ["time_text_embed.text_embedder.linear_2"])
+    add("context_embedder", ["context_embedder"])
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        x, c, b = f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block", f"transformer_blocks.{i}"
+        add(f"{x}.attn.qkv", [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"], "qkv")
+        add(f"{c}.attn.qkv", [f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"], "qkv")
+        if qk_norm:
+            add(f"{x}.attn.ln_q", [f"{b}.attn.norm_q"], suffixes=("weight",))
+            add(f"{x}.attn.ln_k", [f"{b}.attn.norm_k"], suffixes=("weight",))
+            add(f"{c}.attn.ln_q", [f"{b}.attn.norm_added_q"], suffixes=("weight",))
+            add(f"{c}.attn.ln_k", [f"{b}.attn.norm_added_k"], suffixes=("weight",))
+        add(f"{x}.attn.proj", [f"{b}.attn.to_out.0"])
+        if not last:
+            add(f"{c}.attn.proj", [f"{b}.attn.to_add_out"])
+        if i in dual_layers:
+            add(f"{x}.attn2.qkv", [f"{b}.attn2.to_q", f"{b}.attn2.to_k", f"{b}.attn2.to_v"], "qkv")
+            if qk_norm:
+                add(f"{x}.attn2.ln_q", [f"{b}.attn2.norm_q"], suffixes=("weight",))
+                add(f"{x}.attn2.ln_k", [f"{b}.attn2.norm_k"], suffixes=("weight",))
+            add(f"{x}.attn2.proj", [f"{b}.attn2.to_out.0"])
+        add(f"{x}.adaLN_modulation.1", [f"{b}.norm1.linear"])
+        add(f"{c}.adaLN_modulation.1", [f"{b}.norm1_context.linear"], "swap" if last else "copy")
+        add(f"{x}.mlp.fc1", [f"{b}.ff.net.0.proj"])
+        add(f"{x}.mlp.fc2", [f"{b}.ff.net.2"])
+        if not last:
+            add(f"{c}.mlp.fc1", [f"{b}.ff_context.net.0.proj"])
+            add(f"{c}.mlp.fc2", [f"{b}.ff_context.net.2"])
+    add("final_layer.linear", ["proj_out"])
+    add("final_layer.adaLN_modulation.1", ["norm_out.linear"], "swap")
+    return table
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def _raise_on_leftovers(source: str, missing: list[str], unexpected: list[str]) -> None:
+    problems = [f"{n}: {_listing(sorted(k))}" for n, k in (("missing keys", missing), ("unexpected keys", unexpected)) if k]
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+
+
+def from_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SAI single-file keys -> ours. With the `model.diffusion_model.` prefix present, keys outside
+    it (VAE, text encoders bundled in the same file) are ignored."""
+    if any(k.startswith(ORIGINAL_PREFIX) for k in state_dict):
+        state_dict = {k[len(ORIGINAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(ORIGINAL_PREFIX)}
+    layers = _block_indices(state_dict, "joint_blocks.")
+    if not layers:
+        raise ValueError("not an SD3 single-file checkpoint: no (model.diffusion_model.)joint_blocks.* keys")
+    dual = set(_block_indices([k for k in state_dict if ".x_block.attn2." in k], "joint_blocks."))
+    table = _original_key_table(layers[-1] + 1, dual, qk_norm=any(".ln_q." in k for k in state_dict))
+    out, missing = {}, []
+    for original, ours, how in table:
+        if original not in state_dict:
+            missing.append(original)
+            continue
+        t = state_dict[original]
+        parts = t.chunk(3, dim=0) if how == "qkv" else (_swap_halves(t) if how == "swap" else t,)
+        out.update(zip(ours, parts))
+    _raise_on_leftovers("SD3 single-file checkpoint", missing, sorted(set(state_dict) - {o for o, _, _ in table}))
+    return out
+
+
+def to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ours -> SAI single-file keys (with the `model.diffusion_model.` prefix); inverse of from_original."""
+    layers = _block_indices(state_dict, "transformer_blocks.")
+    if not layers:
+        raise ValueError("not an SD3 transformer state dict: no transformer_blocks.* keys")
+    dual = set(_block_indices([k for k in state_dict if ".attn2." in k], "transformer_blocks."))
+    table = _original_key_table(layers[-1] + 1, dual, qk_norm=any(".attn.norm_q." in k for k in state_dict))
+    out, missing = {}, []
+    for original, ours, how in table:
+        if any(k not in state_dict for k in ours):
+            missing.extend(k for k in ours if k not in state_dict)
+            continue
+        parts = [state_dict[k] for k in ours]
+        t = torch.cat(parts, dim=0) if how == "qkv" else (_swap_halves(parts[0]) if how == "swap" else parts[0])
+        out[ORIGINAL_PREFIX + original] = t
+    _raise_on_leftovers("SD3 state dict", missing, sorted(set(state_dict) - {k for _, ours, _ in table for k in ours}))
+    return out
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def _read_safetensors(files: list[Path], device: torch.device | str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"SD3 checkpoint shard {f} is listed in the index but does not exist")
+        with safe_open(str(f), framework="pt", device=str(device)) as reader:
+            for key in reader.keys():
+                tensors[key] = reader.get_tensor(key)
+    return tensors
+
+
+def _transformer_dir(path: Path) -> Path:
+    """The diffusers transformer directory: `path` itself, or `path/transformer` for a pipeline root."""
+    for candidate in (path, path / "transformer"):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no {CONFIG_NAME} in {path} (nor in {path / 'transformer'}): expected a diffusers SD3 transformer "
+        "directory, a diffusers pipeline directory, or an SAI single-file .safetensors checkpoint"
+    )
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[SD3Args, dict[str, torch.Tensor]]:
+    """(args, our state dict) from a diffusers directory or an SAI single-file checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"SD3 checkpoint not found: {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"SD3 checkpoint {path}: a single file must be an SAI .safetensors checkpoint")
+        try:
+            state_dict = from_original(_read_safetensors([path], device))
+            args = infer_args(state_dict)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        check_state_dict(state_dict, args, source=f"SD3 single-file checkpoint {path}")
+        return args, state_dict
+
+    directory = _transformer_dir(path)
+    try:
+        args = SD3Args.from_diffusers_config(json.loads((directory / CONFIG_NAME).read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{directory / CONFIG_NAME}: {e}") from None
+    if (directory / INDEX_NAME).is_file():
+        weight_map = json.loads((directory / INDEX_NAME).read_text())["weight_map"]
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    elif (directory / WEIGHTS_NAME).is_file():
+        files = [directory / WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(
+            f"no {WEIGHTS_NAME} (or sharded {INDEX_NAME}) in {directory}; it holds: "
+            f"{sorted(p.name for p in directory.iterdir())}"
+        )
+    state_dict = _read_safetensors(files, device)
+    check_state_dict(state_dict, args, source=f"SD3 checkpoint {directory}")
+    return args, state_dict
+
+
+def from_pretrained(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> SD3Transformer:
+    """Our model with the checkpoint's weights, built on meta so no memory goes to a throwaway init."""
+    args, state_dict = load_checkpoint(path, device)
+    with torch.device("meta"):
+        model = SD3Transformer(args)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype)
+
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", size.upper())
+    if not match:
+        raise ValueError(f"max_shard_size={size!r}: use bytes (int) or a string like '5GB' or '500MB'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def save_diffusers(
+    model_or_state_dict: nn.Module | dict[str, torch.Tensor],
+    args: SD3Args,
+    out_dir: str | Path,
+    max_shard_size: int | str = "10GB",
+) -> Path:
+    """Write a diffusers transformer directory (config.json + safetensors, sharded above
+    `max_shard_size`) that `SD3Transformer2DModel.from_pretrained(out_dir)` loads."""
+    state_dict = model_or_state_dict
+    if isinstance(model_or_state_dict, nn.Module):
+        state_dict = model_or_state_dict.state_dict()
+    state_dict = to_diffusers(state_dict, args)
+    limit = _parse_size(max_shard_size)
+
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for key, t in state_dict.items():
+        size = t.numel() * t.element_size()
+        if shards[-1] and shard_bytes + size > limit:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(key)
+        shard_bytes += size
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("diffusion_pytorch_model*.safetensors*"):  # an older save's shards or index
+        stale.unlink()
+    (out_dir / CONFIG_NAME).write_text(json.dumps(args.to_diffusers_config(), indent=2) + "\n")
+    names = (
+        [WEIGHTS_NAME]
+        if len(shards) == 1
+        else [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, keys in zip(names, shards):
+        # clone: views (e.g. q/k/v chunks of a fused tensor) share storage, which safetensors refuses.
+        tensors = {k: state_dict[k].detach().to("cpu", copy=True).contiguous() for k in keys}
+        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state_dict.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return out_dir
