@@ -179,6 +179,8 @@ def test_cfg_velocity_is_one_batch_and_differentiable(ours, backbone):
 
     v = ours.velocity(backbone, x, sigma, cond, 4.5)
     assert v.shape == x.shape and v.dtype == torch.float32
+    with torch.no_grad():  # rollout (no grad) and training (grad) must agree bit for bit: on-policy ratio 1
+        assert torch.equal(ours.velocity(backbone, x, sigma, cond, 4.5), v)
     v.square().sum().backward()
     for key in cond:  # both CFG branches carry gradient
         assert cond[key].grad is not None and cond[key].grad.abs().sum() > 0, key
@@ -195,6 +197,38 @@ def test_cfg_velocity_is_one_batch_and_differentiable(ours, backbone):
     # Separate forwards differ from the joint [uncond; cond] batch only by float rounding.
     torch.testing.assert_close(guided, uncond + 4.5 * (plain - uncond), rtol=0, atol=1e-4)
     assert (plain - uncond).abs().max() > 1e-2
+
+
+def test_bf16_encoders_vae_and_backbone(tiny_dir, ours):
+    """Reduced-precision components still hand rl/ fp32 tensors, close to the fp32 ones."""
+    pipe = SD3Pipeline.load(
+        str(tiny_dir),
+        device="cpu",
+        encoder_dtype=torch.bfloat16,
+        vae_dtype=torch.bfloat16,
+        resolution=RESOLUTION,
+        max_sequence_length=MAX_SEQ,
+    )
+    cond, cond32 = pipe.encode(PROMPTS), ours.encode(PROMPTS)
+    for key in cond:
+        assert cond[key].dtype == torch.float32
+        torch.testing.assert_close(cond[key], cond32[key], rtol=0.05, atol=0.05)
+
+    x = ours.initial_noise(2, torch.Generator().manual_seed(2))
+    sigma = torch.tensor([0.7, 0.3])
+    spec = get_model_spec("sd3")
+    backbone_bf16 = spec.from_pretrained(tiny_dir / "transformer", dtype=torch.bfloat16)
+    backbone_fp32 = spec.from_pretrained(tiny_dir / "transformer", dtype=torch.float32)
+    v = pipe.velocity(backbone_bf16, x, sigma, cond32, 4.5)
+    v32 = ours.velocity(backbone_fp32, x, sigma, cond32, 4.5)
+    assert v.dtype == torch.float32
+    print("bf16 vs fp32 CFG velocity max |diff|:", (v - v32).abs().max().item(), "scale", v32.abs().max().item())
+    torch.testing.assert_close(v, v32, rtol=0.05, atol=0.15)
+
+    images = pipe.decode(x)
+    assert images.dtype == torch.float32
+    image_error = (images - ours.decode(x)).abs()
+    assert image_error.mean() < 0.01 and image_error.max() < 0.15
 
 
 def test_tiny_pipeline_is_deterministic_from_seed():

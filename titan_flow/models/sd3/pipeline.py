@@ -41,7 +41,6 @@ _UNSUPPORTED_SCHEDULER_FLAGS = (
     "use_karras_sigmas",
     "use_exponential_sigmas",
     "use_beta_sigmas",
-    "stochastic_sampling",
 )
 
 
@@ -118,8 +117,7 @@ class SD3Pipeline:
             )
         self.resolution = resolution
 
-        negative_embeds, negative_pooled = self._encode_text([negative_prompt])
-        self._negative = {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
+        self.negative_prompt_embeds, self.negative_pooled_prompt_embeds = self._encode_text([negative_prompt])
 
     @classmethod
     def load(
@@ -211,8 +209,8 @@ class SD3Pipeline:
         return {
             "prompt_embeds": prompt_embeds,
             "pooled_prompt_embeds": pooled,
-            "negative_prompt_embeds": self._negative["negative_prompt_embeds"].expand(batch, -1, -1),
-            "negative_pooled_prompt_embeds": self._negative["negative_pooled_prompt_embeds"].expand(batch, -1),
+            "negative_prompt_embeds": self.negative_prompt_embeds.expand(batch, -1, -1),
+            "negative_pooled_prompt_embeds": self.negative_pooled_prompt_embeds.expand(batch, -1),
         }
 
     def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
