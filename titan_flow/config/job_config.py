@@ -90,6 +90,11 @@ class Training:
     ema_max_decay: float = doc(0.9, "EMA decay is min((1+k)/(10+k), ema_max_decay)")
     device: str = choices("auto", "auto", "cpu", "cuda", help="auto = cuda when available")
     deterministic: bool = doc(False, "torch.use_deterministic_algorithms (slower on GPU)")
+    kernel_backend: str = choices(
+        "auto", "auto", "triton", "torch",
+        help="fused RL ops (kernels/): auto = Triton on CUDA tensors, the PyTorch reference elsewhere; "
+        "triton on CPU tensors needs TRITON_INTERPRET=1",
+    )
 
 
 @dataclass
@@ -135,6 +140,19 @@ class Reward:
     fns: dict = doc(lambda: {"jpeg_compressibility": 1.0}, "reward name -> weight (weight 0 = logged only)")
     model_paths: dict = doc(dict, "reward name -> local model directory or file")
     device: str = doc("", "device of the reward models (empty = the trainer's device)")
+    urls: dict = doc(
+        lambda: {
+            "geneval": "http://127.0.0.1:18085",
+            "deqa": "http://127.0.0.1:18086",
+            "unifiedreward": "http://127.0.0.1:17140/v1",
+        },
+        "reward name -> server URL; geneval/deqa/unifiedreward always use theirs, any other listed name is "
+        "scored by titan_flow's reward server at that URL (e.g. http://host:18090/pickscore)",
+    )
+    timeout_seconds: float = doc(120.0, "timeout of one reward-server request")
+    max_retries: int = doc(30, "retries of a failed reward-server request before the job fails (nothing is scored 0)")
+    retry_backoff_seconds: float = doc(1.0, "wait before the first retry; doubles each retry, capped at 60 s")
+    options: dict = doc(dict, "reward name -> table of keyword options, e.g. {ocr = {backend = \"rapidocr\"}}")
 
 
 @dataclass
