@@ -98,7 +98,8 @@ def test_initial_noise_matches_diffusers_prepare_latents(ours, reference):
     shape = (3, *ours.latent_shape)
     assert ours.latent_shape == (4, RESOLUTION // 8, RESOLUTION // 8)
     noise = ours.initial_noise(3, torch.Generator().manual_seed(7))
-    expected = reference.prepare_latents(3, 4, RESOLUTION, RESOLUTION, torch.float32, "cpu", torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    expected = reference.prepare_latents(3, 4, RESOLUTION, RESOLUTION, torch.float32, "cpu", generator)
     assert noise.dtype == torch.float32 and noise.shape == shape
     assert torch.equal(noise, expected)
 
@@ -160,7 +161,8 @@ def test_ode_sampling_reproduces_diffusers(ours, reference, backbone, guidance_s
     # (we encode the negative prompt once at batch 1, diffusers once per batch).
     same_cond_diff = (latents - _run_reference(reference, initial, guidance_scale, "latent", cond)).abs().max().item()
     print(
-        f"ODE parity ({type(backbone).__name__}, guidance {guidance_scale}): latents max |diff| {latent_diff:.3g}, images {image_diff:.3g}, "
+        f"ODE parity ({type(backbone).__name__}, guidance {guidance_scale}): "
+        f"latents max |diff| {latent_diff:.3g}, images {image_diff:.3g}, "
         f"latents from identical conditioning {same_cond_diff:.3g}"
     )
     assert same_cond_diff < 1e-5
@@ -254,7 +256,8 @@ def test_load_errors(tiny_dir, tmp_path):
 
     shutil.copytree(tiny_dir / "text_encoder_3", broken / "text_encoder_3")
     (broken / "tokenizer_2" / "merges.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"tokenizer_2 must hold the CLIP-G tokenizer \(tokenizer.json or vocab.json\+merges.txt\)"):
+    expected = r"tokenizer_2 must hold the CLIP-G tokenizer \(tokenizer.json or vocab.json\+merges.txt\)"
+    with pytest.raises(FileNotFoundError, match=expected):
         SD3Pipeline.load(str(broken), device="cpu")
 
     shutil.rmtree(broken / "tokenizer_2")

@@ -66,7 +66,9 @@ def _read_scheduler_config(root: Path) -> tuple[float, float | None]:
     if enabled:
         raise ValueError(f"{path}: {enabled} are not supported for SD3; only the static `shift` schedule is")
     if config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS) != NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"{path}: num_train_timesteps must be {NUM_TRAIN_TIMESTEPS}, got {config['num_train_timesteps']}")
+        raise ValueError(
+            f"{path}: num_train_timesteps must be {NUM_TRAIN_TIMESTEPS}, got {config['num_train_timesteps']}"
+        )
     return float(config.get("shift", 1.0)), config.get("shift_terminal")
 
 
@@ -331,7 +333,12 @@ def build_tiny_sd3_pipeline_dir(out_dir: str | Path, seed: int = 0) -> Path:
     random diffusers `SD3Transformer2DModel` with the debug config so diffusers can run the whole
     pipeline as a reference. Every component is seeded from `seed`, so the directory is reproducible.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
     out_dir = Path(out_dir)
