@@ -1,0 +1,146 @@
+"""HTTP client of the reward servers: timeouts, retries with exponential backoff, nothing lost.
+
+Every request is retried on connection errors, timeouts and HTTP 5xx (a GenEval server answers 500
+with its traceback when a worker fails), waiting backoff * 2^k seconds (capped at 60 s) before
+attempt k + 1. A batch is never scored 0 because a server was unreachable: after `max_retries`
+retries the call raises `RewardServerError` naming the URL and the last error. HTTP 4xx (a bad
+request) is not retried. Only the standard library is used.
+
+`RemoteReward` scores any registered reward on titan_flow's own server (`python -m
+titan_flow.rewards.serve`), so a reward runs locally or served with the same results.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import torch
+
+from titan_flow.rewards import protocol
+from titan_flow.rewards.registry import Reward, as_float_images, scores_tensor, to_uint8
+
+logger = logging.getLogger(__name__)
+MAX_BACKOFF_SECONDS = 60.0
+
+
+class RewardServerError(RuntimeError):
+    """A reward server stayed unreachable/failing through every retry, or rejected the request."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    timeout_seconds: float = 120.0
+    max_retries: int = 30
+    backoff_seconds: float = 1.0
+
+    def delay(self, retry: int) -> float:
+        return min(self.backoff_seconds * 2**retry, MAX_BACKOFF_SECONDS)
+
+
+def post(url: str, body: bytes, policy: RetryPolicy, content_type: str = "application/octet-stream",
+         headers: dict[str, str] | None = None) -> bytes:
+    """POST `body` to `url` and return the 200 answer's body, retrying transient failures."""
+    request_headers = {"Content-Type": content_type, **(headers or {})}
+    start = time.monotonic()
+    for attempt in range(policy.max_retries + 1):
+        try:
+            request = urllib.request.Request(url, data=body, headers=request_headers, method="POST")
+            with urllib.request.urlopen(request, timeout=policy.timeout_seconds) as response:
+                return response.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode("utf-8", "replace")[-2000:]
+            if e.code < 500:
+                raise RewardServerError(f"reward server {url} rejected the request: HTTP {e.code}: {detail}") from None
+            error = f"HTTP {e.code}: {detail}"
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as e:
+            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        if attempt < policy.max_retries:
+            wait = policy.delay(attempt)
+            logger.warning(
+                "reward server %s failed (%s); retry %d/%d in %.1fs", url, error.splitlines()[-1][:300],
+                attempt + 1, policy.max_retries, wait,
+            )
+            time.sleep(wait)
+    raise RewardServerError(
+        f"reward server {url} failed {policy.max_retries + 1} times over {time.monotonic() - start:.0f}s; "
+        f"last error: {error}\nIs it running? Start it (launch/reward_server.sh) or fix reward.urls; "
+        "reward.max_retries / reward.retry_backoff_seconds / reward.timeout_seconds set the patience."
+    )
+
+
+def post_pickle(url: str, payload: dict, policy: RetryPolicy, required: tuple[str, ...]) -> dict:
+    """POST a pickled request; the answer must be a pickled dict holding the `required` keys."""
+    data = post(url, protocol.dumps(payload), policy)
+    try:
+        answer = protocol.loads(data)
+    except Exception as e:
+        raise RewardServerError(f"reward server {url} answered something that is not a pickled dict: {e}") from None
+    if not isinstance(answer, dict):
+        raise RewardServerError(f"reward server {url} answered a {type(answer).__name__}, expected a dict")
+    missing = [k for k in required if k not in answer]
+    if missing:
+        raise RewardServerError(f"reward server {url} answered without {missing} (keys: {sorted(answer)}); wrong URL or protocol?")
+    return answer
+
+
+def health(url: str, timeout: float = 5.0) -> dict | None:
+    """The /health answer of a titan_flow reward server at `url` (any of its paths), or None if unreachable."""
+    import json
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        with urllib.request.urlopen(f"{parts.scheme}://{parts.netloc}/health", timeout=timeout) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+
+
+class RemoteReward(Reward):
+    """A reward scored by titan_flow's reward server at `url` (e.g. http://host:18090/pickscore).
+
+    Images travel as PNG (lossless), so the served score equals the local one; requests hold at
+    most `chunk_size` images and each is retried on its own, so a server restart mid-batch loses
+    nothing.
+    """
+
+    remote = True
+
+    def __init__(self, name: str, url: str, policy: RetryPolicy = RetryPolicy(), chunk_size: int = protocol.CHUNK_SIZE):
+        self.name, self.url, self.policy, self.chunk_size = name, url, policy, chunk_size
+
+    def __call__(self, images, prompts, metadata, ref_images=None, only_strict=True):
+        n = len(prompts)
+        blobs = protocol.encode_images(to_uint8(images), "PNG")
+        refs = None
+        if ref_images is not None:
+            refs = protocol.encode_images(
+                [(im.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy() for im in as_float_images(ref_images)],
+                "PNG",
+            )
+        scores, extras = [], {}
+        for sl in protocol.chunk_slices(n, self.chunk_size):
+            answer = post_pickle(
+                self.url,
+                {
+                    "images": blobs[sl],
+                    "prompts": list(prompts[sl]),
+                    "meta_datas": list(metadata[sl]),
+                    "ref_images": None if refs is None else refs[sl],
+                    "only_strict": only_strict,
+                },
+                self.policy,
+                required=("scores",),
+            )
+            scores.extend(answer["scores"])
+            for key, values in answer.get("extras", {}).items():
+                extras.setdefault(key, []).extend(values)
+        out = {"score": scores_tensor(scores, self.name, n)}
+        out.update({k: scores_tensor(v, f"{self.name}/{k}", n) for k, v in extras.items()})
+        return out
