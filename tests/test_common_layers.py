@@ -17,7 +17,12 @@ from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from diffusers.models.normalization import SD35AdaLayerNormZeroX
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from titan_flow.models.common.embeddings import TextProjection, TimestepEmbedding, get_2d_sincos_pos_embed, timestep_sinusoid
+from titan_flow.models.common.embeddings import (
+    TextProjection,
+    TimestepEmbedding,
+    get_2d_sincos_pos_embed,
+    timestep_sinusoid,
+)
 from titan_flow.models.common.layers import FeedForward
 from titan_flow.models.common.norms import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroX, RMSNorm
 
@@ -62,7 +67,8 @@ def test_2d_sincos_pos_embed_matches_diffusers(embed_dim, grid, base, interp):
 
 
 @pytest.mark.parametrize(
-    "x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+    "x_dtype, w_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
 )
 def test_rms_norm_variants_match_their_references(x_dtype, w_dtype):
     x = (torch.randn(2, 3, 5, 64, generator=torch.Generator().manual_seed(0)) * 3).to(x_dtype)

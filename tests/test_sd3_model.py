@@ -100,7 +100,9 @@ def test_parity_with_diffusers(reference):
         inputs = make_inputs(config, batch=2, height=height, width=width)
         expected = run_ref(ref, inputs)
         diff = max_diff(run_ours(model, inputs), expected)
-        print(f"[{name}] latent {height}x{width}: max|ours - diffusers| = {diff:.3e} (max|out| = {expected.abs().max():.1f})")
+        print(
+            f"[{name}] latent {height}x{width}: max|ours - diffusers| = {diff:.3e} (max|out| = {expected.abs().max():.1f})"
+        )
         assert diff <= TOL
 
 
@@ -116,7 +118,9 @@ def test_batch_one_equals_batch_two(reference):
         single = run_ours(model, sample)
         parity = max_diff(single, run_ref(ref, sample))
         drift = max_diff(single, both[i : i + 1]) / both.abs().max().item()
-        print(f"[{name}] sample {i}: batch 1 max|ours - diffusers| = {parity:.3e}, max|batch1 - batch2|/max|out| = {drift:.3e}")
+        print(
+            f"[{name}] sample {i}: batch 1 max|ours - diffusers| = {parity:.3e}, max|batch1 - batch2|/max|out| = {drift:.3e}"
+        )
         assert parity <= TOL
         assert drift <= 1e-5
 
@@ -151,7 +155,10 @@ def test_original_single_file_format(reference, tmp_path):
 
     # A bundled VAE / text-encoder key outside model.diffusion_model. is ignored.
     file = tmp_path / "sd3_single.safetensors"
-    save_file({**{k: v.contiguous() for k, v in original.items()}, "first_stage_model.decoder.conv_in.bias": torch.zeros(3)}, str(file))
+    save_file(
+        {**{k: v.contiguous() for k, v in original.items()}, "first_stage_model.decoder.conv_in.bias": torch.zeros(3)},
+        str(file),
+    )
     model = get_model_spec("sd3").from_pretrained(file)
     assert model.args.dual_attention_layers == tuple(config["dual_attention_layers"])
     assert model.args.qk_norm == config["qk_norm"]
@@ -187,12 +194,14 @@ def test_flavors_match_diffusers_keys_and_shapes():
         args = FLAVORS[flavor]
         with torch.device("meta"):
             ours = SD3Transformer(args)
-            ref = SD3Transformer2DModel(**{k: v for k, v in args.to_diffusers_config().items() if not k.startswith("_")})
+            ref = SD3Transformer2DModel(
+                **{k: v for k, v in args.to_diffusers_config().items() if not k.startswith("_")}
+            )
         ours_shapes = {k: v.shape for k, v in ours.state_dict().items()}
         assert ours_shapes == {k: v.shape for k, v in ref.state_dict().items()}, flavor
         assert sum(p.numel() for p in ours.parameters()) == n_params, flavor
-    debug = FLAVORS["debug"]
-    assert (debug.joint_attention_dim, debug.pooled_projection_dim, debug.in_channels, debug.out_channels) == (32, 24, 4, 4)
+    debug = FLAVORS["debug"]  # the tiny debug pipeline's encoders and VAE are built for these widths
+    assert (debug.joint_attention_dim, debug.pooled_projection_dim, debug.in_channels) == (32, 24, 4)
 
 
 def test_build_debug_from_meta_initialises_everything():
@@ -240,7 +249,7 @@ def test_block_compiles_fullgraph_and_checkpoints():
 
 
 def test_errors_name_the_problem(reference, tmp_path):
-    name, config, ref, directory = reference
+    _, config, _, directory = reference
     spec = get_model_spec("sd3")
     with pytest.raises(FileNotFoundError, match="does_not_exist"):
         spec.from_pretrained(tmp_path / "does_not_exist")
@@ -257,7 +266,10 @@ def test_errors_name_the_problem(reference, tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text((directory / "config.json").read_text())
     partial = {k: v for k, v in sd.items() if k not in ("proj_out.bias", "transformer_blocks.1.attn.to_k.weight")}
-    save_file({**partial, "transformer_blocks.0.attn.extra.weight": torch.zeros(2)}, str(broken / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {**partial, "transformer_blocks.0.attn.extra.weight": torch.zeros(2)},
+        str(broken / "diffusion_pytorch_model.safetensors"),
+    )
     with pytest.raises(ValueError, match="broken") as err:
         spec.from_pretrained(broken)
     message = str(err.value)
@@ -299,4 +311,3 @@ def test_config_validation():
         SD3Args(**{**SD35_CONFIG, "dual_attention_layers": (0, 5)})
     with pytest.raises(KeyError, match="choose one of sd3-medium"):
         get_model_spec("sd3").args("sd35")
-

@@ -87,14 +87,15 @@ def get_2d_sincos_pos_embed(
 
     Row r*grid_size + c is the token at row r, column c. The coordinates are
     arange(grid_size) / (grid_size / base_size) / interpolation_scale, so a grid larger than the
-    training grid (`base_size`) is stretched onto the same coordinate range. The first half of the
+    training grid (`base_size`) is mapped onto the same coordinate range [0, base_size). The first half of the
     dims encodes the column and the second half the row (diffusers/MAE layout, which the SD3
-    checkpoints store). Frequencies and products are computed in float64 as the reference does.
+    checkpoints store). Frequencies and products are computed in float64 as the reference does; the
+    table is assembled from one 1-D table per axis, so building SD3.5's 384x384 grid stays cheap.
     """
     if embed_dim % 4 != 0:
         raise ValueError(f"embed_dim must be divisible by 4 for a 2-D sin-cos table, got {embed_dim}")
     coords = torch.arange(grid_size, dtype=torch.float32, device=device) / (grid_size / base_size) / interpolation_scale
-    rows = coords[:, None].expand(grid_size, grid_size)
-    cols = coords[None, :].expand(grid_size, grid_size)
-    emb = torch.cat([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], dim=1)
-    return emb.float()
+    per_coord = _sincos_1d(embed_dim // 2, coords).float()  # (grid_size, D/2): one row per coordinate value
+    cols = per_coord[None, :, :].expand(grid_size, grid_size, -1)
+    rows = per_coord[:, None, :].expand(grid_size, grid_size, -1)
+    return torch.cat([cols, rows], dim=-1).reshape(grid_size * grid_size, embed_dim)

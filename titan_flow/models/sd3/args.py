@@ -68,9 +68,7 @@ class SD3Args:
         names = {f.name for f in fields(cls)}
         unknown = sorted(k for k in config if not k.startswith("_") and k not in names)
         if unknown:
-            raise ValueError(
-                f"SD3 config: unsupported keys {unknown}; this port implements only {sorted(names)}"
-            )
+            raise ValueError(f"SD3 config: unsupported keys {unknown}; this port implements only {sorted(names)}")
         kwargs = {k: v for k, v in config.items() if k in names}
         if kwargs.get("out_channels", 0) is None:  # diffusers: None means "same as in_channels"
             kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)

@@ -14,7 +14,12 @@ import torch
 import torch.nn as nn
 
 from titan_flow.models.common.attention import attention
-from titan_flow.models.common.embeddings import TextProjection, TimestepEmbedding, get_2d_sincos_pos_embed, timestep_sinusoid
+from titan_flow.models.common.embeddings import (
+    TextProjection,
+    TimestepEmbedding,
+    get_2d_sincos_pos_embed,
+    timestep_sinusoid,
+)
 from titan_flow.models.common.layers import FeedForward
 from titan_flow.models.common.norms import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroX, RMSNorm
 from titan_flow.models.sd3.args import SD3Args
@@ -36,7 +41,9 @@ class PatchEmbed(nn.Module):
         self.register_buffer("pos_embed", torch.empty(1, pos_embed_max_size**2, dim), persistent=True)
 
     def reset_pos_embed(self) -> None:
-        table = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.pos_embed_max_size, self.base_size)
+        table = get_2d_sincos_pos_embed(
+            self.pos_embed.shape[-1], self.pos_embed_max_size, self.base_size, device=self.pos_embed.device
+        )
         with torch.no_grad():
             self.pos_embed.copy_(table.unsqueeze(0))
 
@@ -200,7 +207,11 @@ class SD3Transformer(nn.Module):
         self.args = args
         dim = args.inner_dim
         self.pos_embed = PatchEmbed(
-            args.patch_size, args.in_channels, dim, args.pos_embed_max_size, base_size=args.sample_size // args.patch_size
+            args.patch_size,
+            args.in_channels,
+            dim,
+            args.pos_embed_max_size,
+            base_size=args.sample_size // args.patch_size,
         )
         self.time_text_embed = TimestepTextEmbedding(dim, args.pooled_projection_dim)
         self.context_embedder = nn.Linear(args.joint_attention_dim, args.caption_projection_dim)

@@ -120,7 +120,9 @@ def to_diffusers(state_dict: dict[str, torch.Tensor], args: SD3Args | None = Non
 # --- SAI single-file format -------------------------------------------------------------------
 
 
-def _original_key_table(num_layers: int, dual_layers: set[int], qk_norm: bool) -> list[tuple[str, tuple[str, ...], str]]:
+def _original_key_table(
+    num_layers: int, dual_layers: set[int], qk_norm: bool
+) -> list[tuple[str, tuple[str, ...], str]]:
     """(original key, our keys, how): 'copy', 'qkv' (original is [q; k; v] along dim 0) or 'swap'
     (original stores (shift, scale), ours (scale, shift))."""
     table = []
@@ -173,7 +175,9 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
 
 
 def _raise_on_leftovers(source: str, missing: list[str], unexpected: list[str]) -> None:
-    problems = [f"{n}: {_listing(sorted(k))}" for n, k in (("missing keys", missing), ("unexpected keys", unexpected)) if k]
+    problems = [
+        f"{n}: {_listing(sorted(k))}" for n, k in (("missing keys", missing), ("unexpected keys", unexpected)) if k
+    ]
     if problems:
         raise ValueError(f"{source}: " + "; ".join(problems))
 
@@ -343,6 +347,9 @@ def save_diffusers(
         save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state_dict.values())
-        index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
+        }
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return out_dir
