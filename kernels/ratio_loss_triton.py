@@ -73,9 +73,10 @@ def _forward_kernel(
     n_above = tl.sum(above, axis=0)
     n_below = tl.sum(below, axis=0)
     tl.store(loss_ptr, loss_weight * (tl.sum(loss, axis=0) / n))
-    tl.store(clipfrac_ptr, (n_above + n_below) / n)
-    tl.store(clipfrac_gt_ptr, n_above / n)
-    tl.store(clipfrac_lt_ptr, n_below / n)
+    # counts are exact in fp32; the fractions are fp32 like the reference's (mask.float().mean())
+    tl.store(clipfrac_ptr, (n_above + n_below).to(tl.float32) / n)
+    tl.store(clipfrac_gt_ptr, n_above.to(tl.float32) / n)
+    tl.store(clipfrac_lt_ptr, n_below.to(tl.float32) / n)
     tl.store(approx_kl_ptr, 0.5 * (tl.sum(sq_diff, axis=0) / n))
 
 
@@ -134,7 +135,8 @@ class _ClippedRatioLoss(torch.autograd.Function):
         acc = _triton.compute_dtype(log_prob, old_log_prob, advantages, ratio_scale, ratio_bias)
         device = log_prob.device
         ratio = _triton.empty((n,), acc, device)
-        loss, clipfrac, clipfrac_gt, clipfrac_lt, approx_kl = (_triton.empty((), acc, device) for _ in range(5))
+        loss, approx_kl = _triton.empty((), acc, device), _triton.empty((), acc, device)
+        clipfrac, clipfrac_gt, clipfrac_lt = (_triton.empty((), torch.float32, device) for _ in range(3))
         ratio_norm = ratio_scale is not None
         _forward_kernel[(1,)](
             log_prob, old_log_prob, advantages,

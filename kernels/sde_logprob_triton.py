@@ -113,8 +113,6 @@ def _backward_kernel(
     cv = tl.load(coef_v_ptr + sample).to(ACC)
     x = tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC)
     mean = x * cx + tl.load(v_ptr + at, mask=inside, other=0.0).to(ACC) * cv
-    # d/dmean of the outputs that also depend on x through the mean; the KL's x-dependence cancels
-    # (mean - mean_ref = coef_v (v - v_ref)), so its term goes to v only
     grad_mean = tl.zeros([BLOCK], ACC)
     if HAS_GRAD_LOG_PROB:
         g = tl.load(grad_log_prob_ptr + sample).to(ACC)
@@ -130,15 +128,20 @@ def _backward_kernel(
         grad_mean += scale * (mean - tl.load(mean_old_ptr + at, mask=inside, other=0.0).to(ACC))
     if HAS_GRAD_MEAN:
         grad_mean += tl.load(grad_mean_ptr + at, mask=inside, other=0.0).to(ACC)
-    if WRITE_GRAD_X:
-        tl.store(grad_x_ptr + at, (grad_mean * cx).to(grad_x_ptr.dtype.element_ty), mask=inside)
+    if HAS_GRAD_KL:
+        kl_std = tl.load(kl_std_ptr + sample).to(ACC)
+        scale = tl.load(grad_kl_ptr + sample).to(ACC) / ((kl_std * kl_std) * n_per_sample)
+        grad_kl = scale * (mean - (x * cx + tl.load(v_ref_ptr + at, mask=inside, other=0.0).to(ACC) * cv))
+        grad_mean += grad_kl
     if WRITE_GRAD_V:
-        if HAS_GRAD_KL:
-            kl_std = tl.load(kl_std_ptr + sample).to(ACC)
-            scale = tl.load(grad_kl_ptr + sample).to(ACC) / ((kl_std * kl_std) * n_per_sample)
-            mean_ref = x * cx + tl.load(v_ref_ptr + at, mask=inside, other=0.0).to(ACC) * cv
-            grad_mean += scale * (mean - mean_ref)
         tl.store(grad_v_ptr + at, (grad_mean * cv).to(grad_v_ptr.dtype.element_ty), mask=inside)
+    if WRITE_GRAD_X:
+        grad_x = grad_mean * cx
+        if HAS_GRAD_KL:
+            # x enters the reference mean too; the two terms cancel (mean - mean_ref = coef_v (v - v_ref)),
+            # but are kept apart as in the reference so that an inf in v_ref gives NaN here as well
+            grad_x -= grad_kl * cx
+        tl.store(grad_x_ptr + at, grad_x.to(grad_x_ptr.dtype.element_ty), mask=inside)
 
 
 def _block_for(n_per_sample: int, block_size: int | None) -> int:
