@@ -293,6 +293,8 @@ def test_errors_name_the_problem(reference, tmp_path):
     too_big = make_inputs(config, batch=1, height=2 * config["patch_size"] * config["pos_embed_max_size"], width=8)
     with pytest.raises(ValueError, match="pos_embed_max_size"):
         model(**too_big)
+    with pytest.raises(ValueError, match="latent size 12x7 must be divisible by patch_size=2"):
+        model(**make_inputs(config, batch=1, height=12, width=7))
 
 
 def test_config_validation():

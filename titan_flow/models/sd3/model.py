@@ -59,7 +59,10 @@ class PatchEmbed(nn.Module):
         return table.reshape(1, h * w, -1)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        h, w = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
+        height, width = latent.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"latent size {height}x{width} must be divisible by patch_size={self.patch_size}")
+        h, w = height // self.patch_size, width // self.patch_size
         x = self.proj(latent).flatten(2).transpose(1, 2)  # (B, h*w, D), row-major tokens
         return (x + self.cropped_pos_embed(h, w)).to(x.dtype).contiguous()
 
