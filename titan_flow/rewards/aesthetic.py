@@ -49,7 +49,7 @@ class Aesthetic(Reward):
     needs_model = True
 
     def __init__(self, model_path, device, batch_size: int = 64):
-        path = model_path_of(self.name, model_path, must_contain=("config.json", "preprocessor_config.json", HEAD_FILE))
+        path = model_path_of(self.name, model_path, must_contain=("config.json", HEAD_FILE))
         self.device = torch.device(device)
         self.processor = load_processor(path)
         self.clip = load_clip(path, self.device)

@@ -19,7 +19,7 @@ class ImageSimilarity(Reward):
     needs_model = True
 
     def __init__(self, model_path, device, batch_size: int = 64):
-        path = model_path_of(self.name, model_path, must_contain=("config.json", "preprocessor_config.json"))
+        path = model_path_of(self.name, model_path, must_contain=("config.json",))
         self.device = torch.device(device)
         self.transform = tensor_transform(load_processor(path).image_processor)
         self.model = load_clip(path, self.device)

@@ -54,7 +54,7 @@ class QwenVL(Reward):
     def __init__(self, model_path, device, dtype: str = "bfloat16", max_new_tokens: int = 2048, batch_size: int = 16):
         from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-        path = model_path_of(self.name, model_path, must_contain=("config.json", "preprocessor_config.json"))
+        path = model_path_of(self.name, model_path, must_contain=("config.json",))
         self.device = torch.device(device)
         self.model = (
             Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
