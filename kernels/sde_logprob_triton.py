@@ -23,6 +23,8 @@ from kernels import _triton
 from kernels.sde_logprob import HALF_LOG_2PI, LOG_PROB_KINDS, StepLogProb
 
 MAX_BLOCK = 4096  # elements of one sample per program: 16 per thread at 8 warps
+MIN_BLOCK = 1024  # ... but small problems get smaller blocks, for enough programs to fill the GPU:
+TARGET_PROGRAMS = 1024  # ~8 per SM on an H100 (132 SMs)
 MAX_FINISH_BLOCK = 1024  # chunk sums read at once by the per-sample finishing kernel
 _SUMS = 3  # per chunk: sum (x_next - mean)^2, sum (mean - mean_ref)^2, sum (mean - mean_old)^2
 _HALF_LOG_2PI = tl.constexpr(HALF_LOG_2PI)
@@ -144,12 +146,13 @@ def _backward_kernel(
         tl.store(grad_x_ptr + at, grad_x.to(grad_x_ptr.dtype.element_ty), mask=inside)
 
 
-def _block_for(n_per_sample: int, block_size: int | None) -> int:
+def _block_for(batch: int, n_per_sample: int, block_size: int | None) -> int:
     if block_size is not None:
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
         return block_size
-    return min(MAX_BLOCK, max(16, triton.next_power_of_2(n_per_sample)))
+    for_occupancy = max(MIN_BLOCK, triton.next_power_of_2(triton.cdiv(batch * n_per_sample, TARGET_PROGRAMS)))
+    return max(16, min(MAX_BLOCK, for_occupancy, triton.next_power_of_2(n_per_sample)))
 
 
 def _warps(block: int) -> int:
@@ -257,7 +260,7 @@ def sde_log_prob_triton(
     _triton.check_no_grad(op, coef_x=coef_x, coef_v=coef_v, std=std, kl_std=kl_std)
     if v_ref is None:
         kl_std = None  # the reference ignores kl_std without v_ref
-    block = _block_for(v[0].numel(), block_size)
+    block = _block_for(v.shape[0], v[0].numel(), block_size)
     log_prob, mean, kl, ratio_bias = _SdeLogProb.apply(
         v, x, x_next.detach(), coef_x.contiguous(), coef_v.contiguous(), std.contiguous(),
         None if kl_std is None else kl_std.contiguous(),

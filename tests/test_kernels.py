@@ -111,7 +111,8 @@ def test_sde_log_prob_optional_outputs_match_reference(with_ref, with_old, retur
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sde_log_prob_half_inputs_accumulate_in_fp32(dtype):
     # both read the same half-precision values as fp32: outputs agree to fp32 rounding; the gradients are
-    # rounded to the input dtype at the end, so they agree to one unit in its last place
+    # rounded to the input dtype at the end, so they agree to one unit in its last place (Triton's
+    # interpreter also truncates fp32 -> bf16 where GPUs and PyTorch round to nearest even)
     half_ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
     inp = sde_inputs(3, (4, 9, 11), dtype=dtype, seed=2)
     compare_sde(f"sde {dtype}", inp, "gaussian", FP32, (half_ulp, 1e-5))
@@ -144,6 +145,12 @@ def test_sde_chunk_sums_over_several_finishing_tiles(monkeypatch):
     monkeypatch.setattr(sde_logprob_triton, "MAX_FINISH_BLOCK", 16)
     inp = sde_inputs(2, (40 * 16 + 5,), seed=6)
     compare_sde("sde fp32 41 chunks", inp, "gaussian", FP32, FP32, block_size=16)
+
+
+def test_sde_default_blocks_match_reference():
+    # the block the op picks itself: 1024 for 1500 elements per sample, so two chunks, the second ragged
+    assert sde_logprob_triton._block_for(2, 1500, None) == 1024
+    compare_sde("sde fp32 default block", sde_inputs(2, (3, 500), seed=24), "gaussian", FP32, FP32, block_size=None)
 
 
 def test_sde_log_prob_is_deterministic_and_on_policy_ratio_is_one():
