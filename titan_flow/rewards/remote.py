@@ -58,13 +58,13 @@ def post(url: str, body: bytes, policy: RetryPolicy, content_type: str = "applic
             if e.code < 500:
                 raise RewardServerError(f"reward server {url} rejected the request: HTTP {e.code}: {detail}") from None
             error = f"HTTP {e.code}: {detail}"
+            summary = f"HTTP {e.code}: {detail.strip().splitlines()[-1][:300] if detail.strip() else ''}"
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as e:
-            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            error = summary = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         if attempt < policy.max_retries:
             wait = policy.delay(attempt)
             logger.warning(
-                "reward server %s failed (%s); retry %d/%d in %.1fs", url, error.splitlines()[-1][:300],
-                attempt + 1, policy.max_retries, wait,
+                "reward server %s failed (%s); retry %d/%d in %.1fs", url, summary, attempt + 1, policy.max_retries, wait
             )
             time.sleep(wait)
     raise RewardServerError(
