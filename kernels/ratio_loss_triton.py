@@ -34,7 +34,8 @@ def _clip(x, lo, hi):
 @triton.jit
 def _log_ratio(log_prob_ptr, old_log_prob_ptr, ratio_scale_ptr, ratio_bias_ptr, i, valid, ACC: tl.constexpr,
                RATIO_NORM: tl.constexpr):
-    diff = tl.load(log_prob_ptr + i, mask=valid, other=0.0).to(ACC) - tl.load(old_log_prob_ptr + i, mask=valid, other=0.0).to(ACC)
+    log_prob = tl.load(log_prob_ptr + i, mask=valid, other=0.0).to(ACC)
+    diff = log_prob - tl.load(old_log_prob_ptr + i, mask=valid, other=0.0).to(ACC)
     if RATIO_NORM:
         scale = tl.load(ratio_scale_ptr + i, mask=valid, other=0.0).to(ACC)
         bias = tl.load(ratio_bias_ptr + i, mask=valid, other=0.0).to(ACC)
@@ -119,13 +120,13 @@ def _backward_kernel(
         if WRITE_RATIO_BIAS:
             tl.store(grad_ratio_bias_ptr + i, grad_diff.to(grad_ratio_bias_ptr.dtype.element_ty), mask=valid)
         if WRITE_RATIO_SCALE:
-            tl.store(grad_ratio_scale_ptr + i, (grad_log_ratio * (diff + bias)).to(grad_ratio_scale_ptr.dtype.element_ty),
-                     mask=valid)
+            grad_scale = grad_log_ratio * (diff + bias)
+            tl.store(grad_ratio_scale_ptr + i, grad_scale.to(grad_ratio_scale_ptr.dtype.element_ty), mask=valid)
         if WRITE_ADVANTAGES:
             grad_adv = -(to_unclipped * ratio + to_clipped * clipped_ratio)
             adv_in_range = (raw_adv >= -adv_clip_max) & (raw_adv <= adv_clip_max)
-            tl.store(grad_advantages_ptr + i, tl.where(adv_in_range, grad_adv, 0.0).to(grad_advantages_ptr.dtype.element_ty),
-                     mask=valid)
+            grad_adv = tl.where(adv_in_range, grad_adv, 0.0)
+            tl.store(grad_advantages_ptr + i, grad_adv.to(grad_advantages_ptr.dtype.element_ty), mask=valid)
 
 
 class _ClippedRatioLoss(torch.autograd.Function):

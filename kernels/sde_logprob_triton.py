@@ -215,7 +215,7 @@ class _SdeLogProb(torch.autograd.Function):
             fv if grad_mean is None else grad_mean,
             any_grad if grad_v is None else grad_v, any_grad if grad_x is None else grad_x,
             n,
-            ACC=_triton.triton_dtype(_triton.compute_dtype(fv, fx, fx_next, fv_ref, fmean_old, coef_x, coef_v, std, kl_std)),
+            ACC=_triton.triton_dtype(_triton.compute_dtype(*ctx.saved_tensors)),
             GAUSSIAN=gaussian, HAS_GRAD_LOG_PROB=grad_log_prob is not None, HAS_GRAD_KL=grad_kl is not None,
             HAS_GRAD_RATIO_BIAS=grad_ratio_bias is not None, HAS_GRAD_MEAN=grad_mean is not None,
             WRITE_GRAD_V=want_v, WRITE_GRAD_X=want_x, BLOCK=block, num_warps=_warps(block),

@@ -20,7 +20,7 @@ from kernels import sde_logprob_triton
 from kernels.sde_logprob_triton import sde_log_prob_triton
 from titan_flow.config.job_config import Training
 from titan_flow.config.manager import ConfigError, job_config_from_dict
-from titan_flow.rl.sde import sde_step, step_coefficients
+from titan_flow.rl.sde import sde_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 64  # elements per program in the SDE tests; samples per tile is 16 in the loss tests
@@ -50,11 +50,13 @@ def sde_inputs(batch, shape, dtype=torch.float32, seed=0, coef_dtype=torch.float
     dtypes = dtypes or {}
     rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     coef_x, coef_v = 1 + 0.1 * rand(batch), -0.3 + 0.1 * rand(batch)
-    std, kl_std = 0.3 + torch.rand(batch, generator=g, dtype=torch.float64), 1 + torch.rand(batch, generator=g, dtype=torch.float64)
+    uniform = lambda: torch.rand(batch, generator=g, dtype=torch.float64)  # noqa: E731
+    std, kl_std = 0.3 + uniform(), 1 + uniform()
     v, x, v_ref = rand(batch, *shape), rand(batch, *shape), rand(batch, *shape)
     mean = coef_x.view(-1, *[1] * len(shape)) * x + coef_v.view(-1, *[1] * len(shape)) * v
     s = std.view(-1, *[1] * len(shape))
-    tensors = dict(v=v, x=x, x_next=mean + s * rand(batch, *shape), v_ref=v_ref, mean_old=mean + 0.2 * s * rand(batch, *shape))
+    tensors = dict(v=v, x=x, x_next=mean + s * rand(batch, *shape), v_ref=v_ref,
+                   mean_old=mean + 0.2 * s * rand(batch, *shape))
     out = {k: t.to(device=DEVICE, dtype=dtypes.get(k, dtype)) for k, t in tensors.items()}
     out.update({k: t.to(device=DEVICE, dtype=coef_dtype) for k, t in
                 dict(coef_x=coef_x, coef_v=coef_v, std=std, kl_std=kl_std).items()})
@@ -248,7 +250,8 @@ def test_every_output_element_is_written(monkeypatch):
 
     monkeypatch.setattr(_triton, "empty", poisoned)
     compare_sde("poisoned sde", sde_inputs(3, (4, 9, 11), seed=10), "gaussian", FP32, FP32)
-    compare_sde("poisoned sde bf16", sde_inputs(2, (5, 7), dtype=torch.bfloat16, seed=11), "squared", FP32, (2**-7, 1e-5))
+    bf16 = sde_inputs(2, (5, 7), dtype=torch.bfloat16, seed=11)
+    compare_sde("poisoned sde bf16", bf16, "squared", FP32, (2**-7, 1e-5))
     compare_loss("poisoned loss", loss_inputs(40, seed=12), True, FP32, FP32)
     # sums, mean, log_prob, kl, ratio_bias, grad_v, grad_x (twice); ratio, 5 scalars, 5 gradients
     assert len(allocated) == 2 * 7 + 11

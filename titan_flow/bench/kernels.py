@@ -119,7 +119,8 @@ class LossCase:
     backward: bool
 
     def label(self) -> str:
-        return f"B={self.batch} {'ratio-norm' if self.ratio_norm else 'ppo-clip'} {'fwd+bwd' if self.backward else 'fwd'}"
+        loss = "ratio-norm" if self.ratio_norm else "ppo-clip"
+        return f"B={self.batch} {loss} {'fwd+bwd' if self.backward else 'fwd'}"
 
     def bytes_floor(self) -> int:
         n_in = 5 if self.ratio_norm else 3
@@ -176,7 +177,8 @@ def bench_gpu(compile_reference: bool, device: str = "cuda") -> None:
         return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
 
     sde_impls = {"triton": partial(kernels.sde_log_prob, backend="triton"), "eager": sde_log_prob_reference}
-    loss_impls = {"triton": partial(kernels.clipped_ratio_loss, backend="triton"), "eager": clipped_ratio_loss_reference}
+    loss_impls = {"triton": partial(kernels.clipped_ratio_loss, backend="triton"),
+                  "eager": clipped_ratio_loss_reference}
     if compile_reference:
         sde_impls["compile"] = torch.compile(sde_log_prob_reference)
         loss_impls["compile"] = torch.compile(clipped_ratio_loss_reference)
