@@ -310,7 +310,8 @@ def served(tmp_path_factory):
 
     clip = tiny_clip_dir(tmp_path_factory.mktemp("clip"))
     port = free_port()
-    server = Server(["--rewards", "pickscore,jpeg_compressibility", "--model-path", f"pickscore={clip}"], port)
+    server = Server(["--rewards", "pickscore,jpeg_compressibility,image_similarity", "--model-path", f"pickscore={clip}",
+                     "--model-path", f"image_similarity={clip}"], port)
     try:
         info = server.wait_ready()
         yield server, clip, info
@@ -320,7 +321,7 @@ def served(tmp_path_factory):
 
 def test_served_rewards_equal_local_ones(served):
     server, clip, info = served
-    assert info["rewards"] == ["jpeg_compressibility", "pickscore"] and info["device"] == "cpu"
+    assert info["rewards"] == ["image_similarity", "jpeg_compressibility", "pickscore"] and info["device"] == "cpu"
     base = f"http://127.0.0.1:{server.port}"
     x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     prompts = ["a red cube", "two dogs", "a cat", "a tree", "the sea"]
@@ -332,6 +333,17 @@ def test_served_rewards_equal_local_ones(served):
     for key in want:
         print(key, "served - local max abs diff", (got[key] - want[key]).abs().max().item())
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-6)  # PNG keeps the 8-bit image exact
+
+
+def test_served_edit_reward_gets_its_reference_images(served):
+    server, clip, _ = served
+    g = torch.Generator().manual_seed(2)
+    x = (torch.rand(3, 3, 32, 32, generator=g) * 255).round() / 255  # 8-bit exact, so PNG changes nothing
+    refs = [Image.fromarray((torch.rand(h, 40, 3, generator=g) * 255).to(torch.uint8).numpy()) for h in (32, 48, 40)]
+    url = f"http://127.0.0.1:{server.port}/image_similarity"
+    got = RemoteReward("image_similarity", url, FAST)(x, ["p"] * 3, [{}] * 3, ref_images=refs)["score"]
+    want = build_reward("image_similarity", str(clip), "cpu")(x, ["p"] * 3, [{}] * 3, ref_images=refs)["score"]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_served_unknown_reward_is_a_clear_error(served):

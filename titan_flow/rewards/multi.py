@@ -20,6 +20,7 @@ Server calls run concurrently with each other and with the local rewards.
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -70,6 +71,8 @@ class MultiReward:
                 self.rewards[name] = RemoteReward(name, urls[name], policy)
             else:
                 self.rewards[name] = build_reward(name, model_paths.get(name), device, **opts)
+        # One call at a time: models and fast tokenizers are not safe to share between threads.
+        self._lock = threading.Lock()
         n_remote = sum(r.remote for r in self.rewards.values())
         self._io = ThreadPoolExecutor(max_workers=max(1, n_remote), thread_name_prefix="reward-io")
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
@@ -81,11 +84,11 @@ class MultiReward:
         prompts = list(prompts)
         if len(prompts) != n or len(metadata) != n:
             raise ValueError(f"MultiReward got {n} images, {len(prompts)} prompts and {len(metadata)} metadata dicts")
-        images = images.detach()
-        args = (images, prompts, metadata, ref_images, only_strict)
-        pending = {name: self._io.submit(r, *args) for name, r in self.rewards.items() if r.remote}
-        outputs = {name: r(*args) for name, r in self.rewards.items() if not r.remote}
-        outputs.update({name: f.result() for name, f in pending.items()})
+        args = (images.detach(), prompts, metadata, ref_images, only_strict)
+        with self._lock:
+            pending = {name: self._io.submit(r, *args) for name, r in self.rewards.items() if r.remote}
+            outputs = {name: r(*args) for name, r in self.rewards.items() if not r.remote}
+            outputs.update({name: f.result() for name, f in pending.items()})
 
         result: dict[str, torch.Tensor] = {}
         avg = torch.zeros(n, dtype=torch.float64)

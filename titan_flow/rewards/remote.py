@@ -13,14 +13,14 @@ titan_flow.rewards.serve`), so a reward runs locally or served with the same res
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import socket
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-
-import torch
+from urllib.parse import urlsplit
 
 from titan_flow.rewards import protocol
 from titan_flow.rewards.registry import Reward, as_float_images, scores_tensor, to_uint8
@@ -91,9 +91,6 @@ def post_pickle(url: str, payload: dict, policy: RetryPolicy, required: tuple[st
 
 def health(url: str, timeout: float = 5.0) -> dict | None:
     """The /health answer of a titan_flow reward server at `url` (any of its paths), or None if unreachable."""
-    import json
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     try:
         with urllib.request.urlopen(f"{parts.scheme}://{parts.netloc}/health", timeout=timeout) as response:
@@ -119,11 +116,8 @@ class RemoteReward(Reward):
         n = len(prompts)
         blobs = protocol.encode_images(to_uint8(images), "PNG")
         refs = None
-        if ref_images is not None:
-            refs = protocol.encode_images(
-                [(im.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy() for im in as_float_images(ref_images)],
-                "PNG",
-            )
+        if ref_images is not None:  # one at a time: reference images may differ in size
+            refs = [protocol.encode_images(to_uint8(im[None]), "PNG")[0] for im in as_float_images(ref_images)]
         scores, extras = [], {}
         for sl in protocol.chunk_slices(n, self.chunk_size):
             answer = post_pickle(

@@ -225,7 +225,10 @@ def build_scorers(args) -> tuple[dict[str, BatchingScorer], str]:
     for name in [n.strip() for n in args.rewards.split(",") if n.strip()]:
         if get_reward_class(name).remote:
             raise SystemExit(f"{name} is scored by its own server (see titan_flow/rewards/{name}.py), not by this one")
-        reward = build_reward(name, model_paths.get(name), device, **options.get(name, {}))
+        try:
+            reward = build_reward(name, model_paths.get(name), device, **options.get(name, {}))
+        except FileNotFoundError as e:
+            raise SystemExit(f"{e}\n(on the server: --model-path {name}=PATH, or [reward] model_paths of --config)") from None
         scorers[name] = BatchingScorer(name, reward, args.max_batch_size)
     if not scorers:
         raise SystemExit("--rewards names no reward")
