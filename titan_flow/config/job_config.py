@@ -40,6 +40,10 @@ class Model:
     vae_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the frozen VAE")
     resolution: int = doc(512, "image height and width in pixels")
     max_sequence_length: int = doc(128, "T5/LLM text tokens (the reference uses 128 for SD3 training)")
+    trainable: str = choices(
+        "all", "all", "gen_expert",
+        help="which weights train: all, or only Bagel's generation expert (its MoT gen weights, as the reference)",
+    )
 
 
 @dataclass
@@ -55,6 +59,9 @@ class Sampling:
     same_latent: bool = doc(False, "all members of a group start from the same initial noise")
     sde_window_size: int = doc(0, "Flow-GRPO-Fast: number of SDE steps (0 = SDE on every step)")
     sde_window_range: list = doc(lambda: [0, 10], "Flow-GRPO-Fast: [lo, hi) range the window is placed in")
+    cfg_interval: list = doc(lambda: [0.0, 1.0], "Bagel: CFG applies only where lo < sigma <= hi")
+    image_guidance_scale: float = doc(1.0, "Bagel editing: image CFG scale (<= 1 disables)")
+    cfg_renorm_min: float = doc(0.0, "Bagel: guided velocity is rescaled by clamp(|v_cond|/|v_cfg|, min, 1) per sample (1 disables)")
 
 
 @dataclass

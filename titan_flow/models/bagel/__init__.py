@@ -1,0 +1,21 @@
+"""Bagel-7B-MoT family: Mixture-of-Transformers backbone, ema.safetensors adapter, KV-cache Policy, parallelism."""
+
+from titan_flow.models.bagel.args import FLAVORS, BagelArgs, VitArgs
+from titan_flow.models.bagel.model import Bagel
+from titan_flow.models.bagel.parallelize import parallelize_bagel
+from titan_flow.models.bagel.pipeline import BagelPipeline
+from titan_flow.models.bagel.state_dict_adapter import from_bagel, from_pretrained, to_bagel
+from titan_flow.models.registry import ModelSpec
+
+SPEC = ModelSpec(
+    name="bagel",
+    flavors=FLAVORS,
+    model_cls=Bagel,
+    from_pretrained_fn=from_pretrained,
+    to_diffusers=to_bagel,  # Bagel has no diffusers format: its published format is ema.safetensors
+    from_diffusers=from_bagel,
+    pipeline_cls=BagelPipeline,
+    parallelize=parallelize_bagel,
+)
+
+__all__ = ["FLAVORS", "SPEC", "Bagel", "BagelArgs", "BagelPipeline", "VitArgs"]
