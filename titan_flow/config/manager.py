@@ -171,16 +171,19 @@ def validate(cfg: JobConfig) -> None:
     need(s.batch_size >= 1, f"sampling.batch_size must be >= 1, got {s.batch_size}")
     need(s.num_batches_per_epoch >= 1, f"sampling.num_batches_per_epoch must be >= 1, got {s.num_batches_per_epoch}")
     need(s.noise_level >= 0, f"sampling.noise_level must be >= 0, got {s.noise_level}")
-    need(
-        len(s.sde_window_range) == 2 and 0 <= s.sde_window_range[0] < s.sde_window_range[1] <= s.num_steps,
-        f"sampling.sde_window_range must be [lo, hi) with 0 <= lo < hi <= sampling.num_steps "
-        f"({s.num_steps}), got {s.sde_window_range}",
-    )
-    need(
-        0 <= s.sde_window_size <= s.sde_window_range[1] - s.sde_window_range[0],
-        f"sampling.sde_window_size must be in [0, {s.sde_window_range[1] - s.sde_window_range[0]}] "
-        f"(the width of sampling.sde_window_range), got {s.sde_window_size}",
-    )
+    need(s.sde_window_size >= 0, f"sampling.sde_window_size must be >= 0, got {s.sde_window_size}")
+    if s.sde_window_size > 0:
+        need(
+            len(s.sde_window_range) == 2 and 0 <= s.sde_window_range[0] < s.sde_window_range[1] <= s.num_steps,
+            f"sampling.sde_window_range must be [lo, hi) with 0 <= lo < hi <= sampling.num_steps "
+            f"({s.num_steps}), got {s.sde_window_range}",
+        )
+        width = s.sde_window_range[1] - s.sde_window_range[0]
+        need(
+            s.sde_window_size <= width,
+            f"sampling.sde_window_size ({s.sde_window_size}) must fit in sampling.sde_window_range "
+            f"{s.sde_window_range} (width {width})",
+        )
     need(0 < rl.timestep_fraction <= 1, f"rl.timestep_fraction must be in (0, 1], got {rl.timestep_fraction}")
     need(rl.clip_range > 0, f"rl.clip_range must be > 0, got {rl.clip_range}")
     need(rl.beta >= 0, f"rl.beta must be >= 0, got {rl.beta}")

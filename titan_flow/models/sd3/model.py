@@ -260,7 +260,14 @@ class SD3Transformer(nn.Module):
         timestep: torch.Tensor,
     ) -> torch.Tensor:
         """hidden_states (B, C_in, H, W) latent; encoder_hidden_states (B, L, joint_attention_dim);
-        pooled_projections (B, pooled_projection_dim); timestep (B,) = sigma * 1000."""
+        pooled_projections (B, pooled_projection_dim); timestep (B,) = sigma * 1000.
+
+        Inputs are cast to the weights' dtype here, except the timestep, which enters the sinusoid in
+        full precision (as diffusers): a bf16 timestep would round 999 to 1000.
+        """
+        dtype = self.context_embedder.weight.dtype
+        hidden_states, encoder_hidden_states = hidden_states.to(dtype), encoder_hidden_states.to(dtype)
+        pooled_projections = pooled_projections.to(dtype)
         p = self.args.patch_size
         batch, _, height, width = hidden_states.shape
         h, w = height // p, width // p

@@ -137,15 +137,22 @@ class SD3Pipeline:
         """Load from a diffusers SD3 pipeline directory; '' builds the tiny random pipeline from `seed`."""
         kwargs = dict(
             device=device,
-            encoder_dtype=encoder_dtype,
-            vae_dtype=vae_dtype,
             resolution=resolution,
             max_sequence_length=max_sequence_length,
             negative_prompt=negative_prompt,
         )
-        if not pretrained_path:
-            with tempfile.TemporaryDirectory(prefix="titan_flow_tiny_sd3_") as tmp:
-                return cls.load(str(build_tiny_sd3_pipeline_dir(tmp, seed=seed)), **kwargs)
+        if not pretrained_path:  # built in memory: under torchrun, transformers saves on rank 0 only
+            tiny = build_tiny_sd3_pipeline(seed)
+            return cls(
+                clip_tokenizers=[tiny.tokenizer, tiny.tokenizer_2],
+                clip_encoders=[tiny.text_encoder.to(encoder_dtype), tiny.text_encoder_2.to(encoder_dtype)],
+                t5_tokenizer=tiny.tokenizer_3,
+                t5_encoder=tiny.text_encoder_3.to(encoder_dtype),
+                vae=tiny.vae.to(vae_dtype),
+                shift=tiny.scheduler.config.shift,
+                shift_terminal=None,
+                **kwargs,
+            )
 
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -164,10 +171,7 @@ class SD3Pipeline:
             vae=AutoencoderKL.from_pretrained(root / "vae", dtype=vae_dtype),
             shift=shift,
             shift_terminal=shift_terminal,
-            device=device,
-            resolution=resolution,
-            max_sequence_length=max_sequence_length,
-            negative_prompt=negative_prompt,
+            **kwargs,
         )
 
     @property
@@ -248,13 +252,8 @@ class SD3Pipeline:
             timestep = torch.cat([timestep, timestep])
             prompt_embeds = torch.cat([cond["negative_prompt_embeds"], prompt_embeds])
             pooled = torch.cat([cond["negative_pooled_prompt_embeds"], pooled])
-        dtype = next(model.parameters()).dtype
-        v = model(
-            hidden_states=x.to(dtype),
-            encoder_hidden_states=prompt_embeds.to(dtype),
-            pooled_projections=pooled.to(dtype),
-            timestep=timestep,
-        ).float()
+        v = model(hidden_states=x, encoder_hidden_states=prompt_embeds, pooled_projections=pooled, timestep=timestep)
+        v = v.float()
         if not use_cfg:
             return v
         v_uncond, v_cond = v.chunk(2)
@@ -325,8 +324,8 @@ def _tiny_t5_tokenizer(out_dir: Path):
     return tokenizer
 
 
-def build_tiny_sd3_pipeline_dir(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a random diffusers SD3 pipeline whose shapes match the "debug" backbone flavor.
+def build_tiny_sd3_pipeline(seed: int = 0):
+    """A random diffusers `StableDiffusion3Pipeline` whose shapes match the "debug" backbone flavor.
 
     T5 width = joint_attention_dim (32), CLIP widths 8 + 16 (zero-padded to 32), CLIP projections
     8 + 16 = pooled_projection_dim (24), a 4-channel VAE with 8x downsampling. The transformer/ is a
@@ -341,7 +340,6 @@ def build_tiny_sd3_pipeline_dir(out_dir: str | Path, seed: int = 0) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
-    out_dir = Path(out_dir)
     debug = FLAVORS["debug"]
     # CLIP-L gets a third of the pooled width, CLIP-G the rest (SD3: 768 + 1280); hidden = projection width.
     clip_l_width = debug.pooled_projection_dim // 3
@@ -403,7 +401,7 @@ def build_tiny_sd3_pipeline_dir(out_dir: str | Path, seed: int = 0) -> Path:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    pipeline = StableDiffusion3Pipeline(
+    return StableDiffusion3Pipeline(
         transformer=seeded(1, lambda: SD3Transformer2DModel(**asdict(debug))),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=seeded(2, lambda: AutoencoderKL(**vae_args)),
@@ -414,7 +412,12 @@ def build_tiny_sd3_pipeline_dir(out_dir: str | Path, seed: int = 0) -> Path:
         text_encoder_3=seeded(5, lambda: T5EncoderModel(t5_config)),
         tokenizer_3=t5_tokenizer,
     )
-    pipeline.save_pretrained(out_dir)
+
+
+def build_tiny_sd3_pipeline_dir(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write `build_tiny_sd3_pipeline(seed)` as a diffusers pipeline directory (what tests load)."""
+    out_dir = Path(out_dir)
+    build_tiny_sd3_pipeline(seed).save_pretrained(out_dir, is_main_process=True)
     for name in ("tokenizer", "tokenizer_2"):  # the published layout: CLIP tokenizers as vocab.json + merges.txt
         shutil.rmtree(out_dir / name)
         _tiny_clip_tokenizer(out_dir / name)

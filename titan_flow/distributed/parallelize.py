@@ -1,0 +1,83 @@
+"""Activation checkpointing -> torch.compile -> FSDP2, applied from outside to any block list.
+
+Each model family's parallelize.py only says which module list holds its blocks; the order and the
+policies live here once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from titan_flow.config import JobConfig
+from titan_flow.distributed.utils import ParallelDims
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, every_n: int) -> None:
+    """Wrap blocks in place; 'selective' wraps every n-th block (trading memory for recompute)."""
+    if mode == "none":
+        return
+    for i, block in enumerate(blocks):
+        if mode == "full" or (mode == "selective" and i % every_n == 0):
+            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(blocks: nn.ModuleList) -> None:
+    """Compile each block in place: identical blocks share one graph, FSDP hooks stay outside, and
+    state-dict keys keep their names (a torch.compile wrapper would add `_orig_mod.`)."""
+    for block in blocks:
+        block.compile(fullgraph=True)
+
+
+def apply_fsdp(
+    model: nn.Module,
+    block_lists: list[nn.ModuleList],
+    dims: ParallelDims,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: str = "default",
+    cpu_offload: bool = False,
+) -> None:
+    """fully_shard every block, then the root (embedders and final layers go with the root).
+
+    The root does not cast its inputs: models cast what they need themselves, and keep inputs such
+    as the timestep in full precision.
+    """
+    kwargs = dict(mesh=dims.fsdp_mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype))
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    root_kwargs = dict(kwargs, mp_policy=MixedPrecisionPolicy(param_dtype, reduce_dtype, cast_forward_inputs=False))
+    for blocks in block_lists:
+        for i, block in enumerate(blocks):
+            if reshard_after_forward == "default":
+                # The last block's params are needed again right away by backward.
+                reshard = i < len(blocks) - 1
+            else:
+                reshard = reshard_after_forward == "always"
+            fully_shard(block, reshard_after_forward=reshard, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard_after_forward == "always", **root_kwargs)
+
+
+def parallelize_blocks(
+    model: nn.Module, block_lists: list[nn.ModuleList], dims: ParallelDims, cfg: JobConfig, trainable: bool
+) -> nn.Module:
+    """The TorchTitan order: AC (trained models only) -> compile -> fully_shard per block -> root."""
+    for blocks in block_lists:
+        if trainable:
+            apply_activation_checkpointing(
+                blocks, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every_n_blocks
+            )
+        if cfg.compile.enable:
+            apply_compile(blocks)
+    apply_fsdp(
+        model,
+        block_lists,
+        dims,
+        param_dtype=DTYPES[cfg.model.compute_dtype],
+        reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
+    )
+    return model

@@ -1,0 +1,147 @@
+"""Process-group and device-mesh set-up shared by training, sampling and export.
+
+A single process (plain `python -m titan_flow.train`) still gets a one-rank process group, so the
+model is always wrapped by FSDP2 and there is one code path from a laptop to 32 GPUs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from titan_flow.config import ConfigError, JobConfig
+
+
+@dataclass
+class ParallelDims:
+    world_size: int
+    rank: int
+    local_rank: int
+    dp_replicate: int
+    dp_shard: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """1-D shard mesh for FSDP, or the 2-D (replicate, shard) mesh for HSDP."""
+        return self.mesh if self.dp_replicate > 1 else self.mesh["dp_shard"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(cfg: JobConfig, local_rank: int) -> torch.device:
+    want = cfg.training.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device: 'cuda' was asked for but torch sees no CUDA device; use 'cpu' or 'auto'")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_degrees(cfg: JobConfig, world_size: int) -> tuple[int, int]:
+    p = cfg.parallelism
+    replicate = p.data_parallel_replicate_degree
+    shard = p.data_parallel_shard_degree
+    if replicate < 1:
+        raise ConfigError(f"parallelism.data_parallel_replicate_degree must be >= 1, got {replicate}")
+    if shard == -1:
+        if world_size % replicate:
+            raise ConfigError(
+                f"parallelism.data_parallel_replicate_degree ({replicate}) must divide the world size ({world_size})"
+            )
+        shard = world_size // replicate
+    if replicate * shard != world_size:
+        raise ConfigError(
+            f"parallelism: replicate ({replicate}) x shard ({shard}) must equal the world size ({world_size}); "
+            "set data_parallel_shard_degree = -1 to fill it automatically"
+        )
+    return replicate, shard
+
+
+def init_distributed(cfg: JobConfig) -> ParallelDims:
+    """Initialise the default process group (nccl on CUDA, gloo on CPU) and the data-parallel mesh."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(cfg, local_rank)
+    backend = cfg.parallelism.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("parallelism.backend: 'nccl' needs CUDA devices; use 'gloo' (or 'auto') on CPU")
+    timeout = datetime.timedelta(seconds=cfg.parallelism.timeout_seconds)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            init_method = "env://"
+        else:
+            if world_size != 1:
+                raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is unset: launch with torchrun")
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group(
+            backend=backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+        )
+    replicate, shard = resolve_degrees(cfg, world_size)
+    mesh = init_device_mesh(
+        device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard")
+    )
+    return ParallelDims(world_size, rank, local_rank, replicate, shard, device, mesh)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a per-rank tensor over ranks in rank order (same shape on every rank)."""
+    if dist.get_world_size() == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def all_gather_object(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().clone()
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global grad norm over (possibly sharded DTensor) grads; clips in place when max_norm > 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
+    return total

@@ -1,0 +1,80 @@
+"""TensorBoard scalars and image grids, plus a one-line console summary; rank 0 writes, others no-op."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger("titan_flow")
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank{rank}] %(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def image_grid(images: torch.Tensor, captions: list[str], cols: int = 4, caption_height: int = 28) -> np.ndarray:
+    """float NCHW [0,1] -> uint8 HWC grid with each image's prompt written under it."""
+    n, _, h, w = images.shape
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    canvas = Image.new("RGB", (cols * w, rows * (h + caption_height)), "white")
+    draw = ImageDraw.Draw(canvas)
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    chars_per_line = max(4, w // 6)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        x0, y0 = c * w, r * (h + caption_height)
+        canvas.paste(Image.fromarray(arr[i]), (x0, y0))
+        text = captions[i]
+        lines = [text[k : k + chars_per_line] for k in range(0, min(len(text), 2 * chars_per_line), chars_per_line)]
+        draw.text((x0 + 2, y0 + h + 2), "\n".join(lines), fill="black")
+    return np.asarray(canvas)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enable_tensorboard: bool, is_main: bool):
+        self.is_main = is_main
+        self.writer = None
+        self.jsonl = None
+        if not is_main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+        # A plain-text copy of every scalar: easy to grep, and what the tests read back.
+        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        if not self.is_main:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        if self.writer is not None:
+            for k, v in clean.items():
+                self.writer.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        self.jsonl.flush()
+
+    def log_images(self, tag: str, images: torch.Tensor, captions: list[str], step: int) -> None:
+        if not self.is_main or self.writer is None:
+            return
+        self.writer.add_image(tag, image_grid(images, captions), step, dataformats="HWC")
+        self.writer.add_text(f"{tag}/prompts", "\n\n".join(f"{i}: {c}" for i, c in enumerate(captions)), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

@@ -1,0 +1,57 @@
+"""Evaluation: deterministic (ODE) sampling of the test prompts, scored by the rewards, with the EMA weights.
+
+The test set is split over ranks round-robin and padded to equal length; padded entries are dropped
+after the gather, so no prompt is counted twice (the reference's padded duplicates enter its means).
+Each prompt's initial noise is seeded by its index, so the figures do not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from tqdm import tqdm
+
+from titan_flow.distributed.utils import all_gather_tensor
+from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
+
+NOT_THIS_TASK = -10.0  # GenEval's per-task keys mark other tasks' prompts with -10
+
+
+@torch.no_grad()
+def evaluate(cfg, dims, policy, model, ema, reward_fn, dataset):
+    """Returns (scalars, images, captions) with `eval/reward_<key>` means over the whole test set."""
+    e = cfg.eval
+    n_total = len(dataset) if e.max_prompts <= 0 else min(e.max_prompts, len(dataset))
+    per_rank = -(-n_total // dims.world_size)
+    mine = [dims.rank + i * dims.world_size for i in range(per_rank)]  # >= n_total marks padding
+    sigmas = policy.sigmas(e.num_steps)
+    levels = step_noise_levels(e.num_steps, 0.0, None)
+    model.eval()
+    scores: dict[str, list[torch.Tensor]] = {}
+    images, captions = [], []
+    swap = ema.swapped_in() if ema is not None else contextlib.nullcontext()
+    with swap:
+        for start in tqdm(range(0, per_rank, e.batch_size), desc="eval", disable=not dims.is_main, leave=False):
+            index = mine[start : start + e.batch_size]
+            items = [dataset[i % n_total] for i in index]
+            prompts = [p for p, _ in items]
+            cond = policy.encode(prompts, model=model)
+            x0 = policy.initial_noise(len(index), [torch.Generator().manual_seed(cfg.job.seed + i) for i in index])
+            traj = sample_trajectory(policy, model, cond, x0, sigmas, levels, "sde", e.guidance_scale)
+            imgs = policy.decode(traj.latents[:, -1])
+            rewards = reward_fn(imgs, prompts, [m for _, m in items])
+            for k, v in rewards.items():
+                scores.setdefault(k, []).append(v.float().to(dims.device))
+            if len(images) < cfg.metrics.num_log_images:
+                images.append(imgs.float().cpu())
+                captions += [f"{p} | {r:.3f}" for p, r in zip(prompts, rewards["avg"].tolist())]
+    valid = all_gather_tensor(torch.tensor([i < n_total for i in mine], device=dims.device))
+    scalars = {"eval/num_prompts": float(n_total)}
+    for k, parts in scores.items():
+        values = all_gather_tensor(torch.cat(parts))[valid]
+        values = values[values != NOT_THIS_TASK]
+        if values.numel():
+            scalars[f"eval/reward_{k}"] = values.mean().item()
+    n_img = cfg.metrics.num_log_images
+    return scalars, torch.cat(images)[:n_img], captions[:n_img]

@@ -1,0 +1,139 @@
+"""Prompts -> PNGs, from a pretrained pipeline directory or from a training run's checkpoint.
+
+    python -m titan_flow.sample --pretrained_path /models/sd3.5-medium --prompt "a red cube" --out samples/
+    python -m titan_flow.sample --run outputs/debug [--step 20] [--raw] --prompt_file prompts.txt --out samples/
+
+With --run, the run's config.json rebuilds the same model and pipeline, and the weights come from
+its newest complete DCP checkpoint (EMA weights when the run kept an EMA, unless --raw).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from titan_flow.checkpoint.manager import CheckpointError, ModelState, complete_steps, step_dir
+from titan_flow.config import build_job_config
+from titan_flow.config.manager import job_config_from_dict
+from titan_flow.distributed.utils import destroy_distributed, init_distributed
+from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
+from titan_flow.train import build_model, build_policy
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m titan_flow.sample", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--pretrained_path", help="local diffusers pipeline directory")
+    src.add_argument("--run", help="a training run directory (outputs/<run_name>) with checkpoints")
+    p.add_argument("--model", default="sd3", help="model family for --pretrained_path (default sd3)")
+    p.add_argument("--step", type=int, default=-1, help="checkpoint step with --run (default: newest complete)")
+    p.add_argument("--raw", action="store_true", help="with --run: use the raw trained weights, not the EMA")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt_file", help="text file, one prompt per line")
+    p.add_argument("--out", default="samples", help="output folder for the PNGs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=40, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=4.5, help="CFG scale (<= 1 disables CFG)")
+    p.add_argument("--noise_level", type=float, default=0.0, help="SDE noise level (0 = deterministic ODE)")
+    p.add_argument("--sde_type", default="sde", choices=["sde", "cps"])
+    p.add_argument("--resolution", type=int, default=0, help="image size (default: the model's / run's)")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise SystemExit(f"--prompt_file: {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("no prompts: give --prompt TEXT (repeatable) or --prompt_file FILE")
+    return prompts
+
+
+def load_run_weights(model, run: Path, step: int, raw: bool, cfg) -> int:
+    """Load a run's checkpoint into `model`; returns the step loaded."""
+    import torch.distributed.checkpoint as dcp
+
+    from titan_flow.rl.ema import EMA
+
+    folder = run / cfg.checkpoint.folder
+    steps = complete_steps(folder)
+    if not steps:
+        raise CheckpointError(f"{folder} holds no complete checkpoint; was the run saved with checkpoint.enable = true?")
+    if step < 0:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"--step {step}: not a complete checkpoint in {folder}; complete: {steps}")
+    states = {"model": ModelState(model)}
+    use_ema = cfg.training.ema and not raw
+    if use_ema:
+        ema = EMA([p for p in model.parameters() if p.requires_grad])
+        states["ema"] = ema
+    dcp.load(states, checkpoint_id=str(step_dir(folder, step)))
+    if use_ema:
+        ema.copy_to([p for p in model.parameters() if p.requires_grad])
+    return step
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    prompts = read_prompts(args)
+    if args.run:
+        run = Path(args.run)
+        config_file = run / "config.json"
+        if not config_file.is_file():
+            raise SystemExit(f"--run: {config_file} does not exist; is {run} a titan_flow run directory?")
+        cfg = job_config_from_dict(json.loads(config_file.read_text()))
+    else:
+        cfg = build_job_config(["--model.name", args.model])
+        if args.pretrained_path:
+            cfg.model.pretrained_path = args.pretrained_path
+    cfg.training.device = args.device
+    if args.resolution:
+        cfg.model.resolution = args.resolution
+    dims = init_distributed(cfg)
+    try:
+        policy = build_policy(cfg, dims.device)
+        model = build_model(cfg, dims, trainable=bool(args.run))
+        if args.run:
+            step = load_run_weights(model, Path(args.run), args.step, args.raw, cfg)
+            print(f"loaded {args.run} step {step}{' (raw weights)' if args.raw or not cfg.training.ema else ' (EMA)'}")
+        model.eval()
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator(device=dims.device).manual_seed(args.seed)
+        sigmas = policy.sigmas(args.steps)
+        levels = step_noise_levels(args.steps, args.noise_level, None)
+        for start in range(0, len(prompts), args.batch_size):
+            batch = prompts[start : start + args.batch_size]
+            cond = policy.encode(batch)
+            x0 = policy.initial_noise(len(batch), generator).to(dims.device)
+            traj = sample_trajectory(policy, model, cond, x0, sigmas, levels, args.sde_type, args.guidance, generator)
+            with torch.no_grad():
+                images = policy.decode(traj.latents[:, -1])
+            arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            for i, (prompt, img) in enumerate(zip(batch, arr)):
+                path = out / f"{start + i:04d}_{slug(prompt)}.png"
+                Image.fromarray(img).save(path)
+                print(path)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Entry point: `torchrun ... -m titan_flow.train --job.config_file train_configs/debug_cpu.toml`.
+
+Builds every component from the JobConfig and runs the RL loop. With no config file at all it runs
+the embedded default: a tiny random-init SD3 on the CPU with the JPEG-compressibility reward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+
+import kernels
+
+from titan_flow.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
+from titan_flow.config import JobConfig, build_job_config, to_dict
+from titan_flow.data.prompts import load_prompt_dataset
+from titan_flow.data.sampler import KRepeatSampler
+from titan_flow.distributed.parallelize import DTYPES
+from titan_flow.distributed.utils import ParallelDims, destroy_distributed, init_distributed
+from titan_flow.metrics import MetricsLogger, setup_logging
+from titan_flow.models import get_model_spec
+from titan_flow.rewards import MultiReward
+from titan_flow.rl.algorithms.grpo import GRPO
+from titan_flow.rl.ema import EMA
+from titan_flow.rl.evaluate import evaluate
+
+logger = logging.getLogger("titan_flow")
+
+
+def run_dir(cfg: JobConfig) -> Path:
+    return Path(cfg.job.output_dir) / cfg.job.run_name
+
+
+def build_policy(cfg: JobConfig, device: torch.device):
+    return get_model_spec(cfg.model.name).pipeline_cls.load(
+        cfg.model.pretrained_path,
+        device=device,
+        encoder_dtype=DTYPES[cfg.model.encoder_dtype],
+        vae_dtype=DTYPES[cfg.model.vae_dtype],
+        resolution=cfg.model.resolution,
+        max_sequence_length=cfg.model.max_sequence_length,
+        negative_prompt=cfg.sampling.negative_prompt,
+        seed=cfg.job.seed,
+    )
+
+
+def build_model(cfg: JobConfig, dims: ParallelDims, trainable: bool) -> torch.nn.Module:
+    """Load (or random-init, identically on every rank) the backbone, then shard it with FSDP2."""
+    spec = get_model_spec(cfg.model.name)
+    dtype = DTYPES[cfg.model.dtype]
+    if cfg.model.pretrained_path:
+        model = spec.from_pretrained(str(Path(cfg.model.pretrained_path) / "transformer"), dtype=dtype, device=dims.device)
+    else:
+        torch.manual_seed(cfg.job.seed)  # the same random init on every rank
+        model = spec.build(cfg.model.flavor, device=dims.device, dtype=dtype)
+    model.requires_grad_(trainable)
+    return spec.parallelize(model, dims, cfg, trainable=trainable)
+
+
+class TrainState(Stateful):
+    """Counters and streams that are identical on every rank: epoch, optimizer step, sampler, Fast window."""
+
+    def __init__(self, algo: GRPO, sampler):
+        self.algo, self.sampler = algo, sampler
+        self.epoch = 0
+
+    def state_dict(self):
+        return {
+            "epoch": self.epoch,
+            "global_step": self.algo.global_step,
+            "window_rng": self.algo.window_rng.getstate(),
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, sd):
+        self.epoch = sd["epoch"]
+        self.algo.global_step = sd["global_step"]
+        self.algo.window_rng.setstate(sd["window_rng"])
+        self.sampler.load_state_dict(sd["sampler"])
+
+
+def build_dataset(cfg: JobConfig, split: str):
+    return load_prompt_dataset(cfg.data.path, split, cfg.data.format)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = build_job_config(argv)
+    kernels.set_backend(cfg.training.kernel_backend)
+    dims = init_distributed(cfg)
+    setup_logging(dims.rank)
+    if cfg.training.deterministic:
+        torch.use_deterministic_algorithms(True)
+    out = run_dir(cfg)
+    if dims.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    logger.info("run %s: world size %d on %s", cfg.job.run_name, dims.world_size, dims.device)
+
+    policy = build_policy(cfg, dims.device)
+    model = build_model(cfg, dims, trainable=True)
+    ref_model = build_model(cfg, dims, trainable=False) if cfg.rl.beta > 0 else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(
+        trainable, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps
+    )
+    ema = (
+        EMA(trainable, max_decay=cfg.training.ema_max_decay, update_interval=cfg.training.ema_update_interval)
+        if cfg.training.ema
+        else None
+    )
+    reward_fn = MultiReward(cfg.reward.fns, cfg.reward.model_paths, cfg.reward.device or dims.device, urls=cfg.reward.urls, timeout_seconds=cfg.reward.timeout_seconds, max_retries=cfg.reward.max_retries, retry_backoff_seconds=cfg.reward.retry_backoff_seconds, options=cfg.reward.options)
+    dataset = build_dataset(cfg, cfg.data.train_split)
+    s = cfg.sampling
+    sampler = KRepeatSampler(
+        len(dataset), s.batch_size, s.num_image_per_prompt, dims.world_size, dims.rank, cfg.job.seed
+    )
+    noise_generator = torch.Generator(device=dims.device).manual_seed(cfg.job.seed * 1000 + dims.rank)
+    algo = GRPO(cfg, dims, policy, model, ref_model, optimizer, ema, reward_fn, dataset, sampler, noise_generator)
+    metrics = MetricsLogger(out, cfg.metrics.enable_tensorboard, dims.is_main)
+
+    train_state = TrainState(algo, sampler)
+    states = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "train": train_state}
+    if ema is not None:
+        states["ema"] = ema
+    ckpt = CheckpointManager(
+        out / cfg.checkpoint.folder, states, {"noise": noise_generator}, dims.rank,
+        cfg.checkpoint.interval, cfg.checkpoint.keep_latest_k, cfg.checkpoint.async_mode == "async",
+        enable=cfg.checkpoint.enable,
+    )
+    if cfg.checkpoint.enable:
+        resume = ckpt.resolve_step(cfg.checkpoint.load_step)
+        if resume is not None:
+            ckpt.load(resume)
+
+    test_set = build_dataset(cfg, cfg.data.test_split) if cfg.eval.freq > 0 else None
+    n_params = sum(p.numel() for p in trainable)
+    logger.info("training %.3fM parameters for %d epochs; outputs in %s", n_params / 1e6, cfg.training.steps, out)
+    try:
+        for epoch in range(train_state.epoch, cfg.training.steps):
+            if test_set is not None and epoch % cfg.eval.freq == 0:
+                scalars, images, captions = evaluate(cfg, dims, policy, model, ema, reward_fn, test_set)
+                metrics.log_scalars(scalars, epoch)
+                metrics.log_images("eval/images", images, captions, epoch)
+                logger.info("eval at epoch %d: %s", epoch, "  ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()))
+            t0 = time.perf_counter()
+            result = algo.run_epoch(epoch)
+            if epoch % cfg.metrics.log_freq == 0 or epoch == cfg.training.steps - 1:
+                metrics.log_scalars(result.scalars, epoch)
+            if cfg.metrics.image_log_freq and epoch % cfg.metrics.image_log_freq == 0:
+                metrics.log_images("rollout/images", result.images, result.captions, epoch)
+            sc = result.scalars
+            logger.info(
+                "epoch %d  reward %.4f  loss %.4g  kl %s  clipfrac %.3f  ratio [%.4f, %.4f]  grad %.3g  %.1fs",
+                epoch, sc["reward/avg_mean"], sc["loss/total"], f"{sc['loss/kl']:.3g}" if "loss/kl" in sc else "-",
+                sc["loss/clipfrac"], sc["ratio/min"], sc["ratio/max"], sc["optim/grad_norm"],
+                time.perf_counter() - t0,
+            )
+            train_state.epoch = epoch + 1
+            if ckpt.should_save(epoch + 1, cfg.training.steps):
+                ckpt.save(epoch + 1)
+        ckpt.close()
+    finally:
+        metrics.close()
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
