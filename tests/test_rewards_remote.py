@@ -434,3 +434,27 @@ def test_client_survives_a_server_restart_mid_run(tmp_path, caplog):
     print(f"scored {done_before_kill} before the kill, {restarted.scored()} after; {len(retries)} retries")
     local = build_reward("jpeg_compressibility")(x, ["p"] * n, [{}] * n)["score"]
     assert result["out"]["score"].tolist() == local.tolist()  # nothing lost, nothing scored 0
+
+
+def test_retry_policy_is_validated_and_backs_off_exponentially():
+    policy = RetryPolicy(timeout_seconds=5, max_retries=10, backoff_seconds=1.0)
+    assert [policy.delay(k) for k in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    with pytest.raises(ValueError, match=r"reward\.max_retries must be an integer >= 0"):
+        MultiReward({"deqa": 1.0}, {}, "cpu", max_retries=-1)
+    with pytest.raises(ValueError, match=r"reward\.timeout_seconds must be > 0"):
+        RetryPolicy(timeout_seconds=0)
+
+
+def test_busy_server_429_is_retried():
+    calls = []
+
+    def respond(handler, body):
+        calls.append(1)
+        if len(calls) == 1:
+            return 429, b"too many requests", "text/plain"
+        return 200, pickle.dumps({"outputs": [0.25] * len(pickle.loads(body)["images"])}), "application/octet-stream"
+
+    stub = Stub(respond)
+    out = DeQA(stub.url, FAST)(gray_images(2), ["p"] * 2, [{}] * 2)
+    stub.close()
+    assert len(calls) == 2 and out["score"].tolist() == [0.25, 0.25]

@@ -1,10 +1,10 @@
 """HTTP client of the reward servers: timeouts, retries with exponential backoff, nothing lost.
 
-Every request is retried on connection errors, timeouts and HTTP 5xx (a GenEval server answers 500
-with its traceback when a worker fails), waiting backoff * 2^k seconds (capped at 60 s) before
-attempt k + 1. A batch is never scored 0 because a server was unreachable: after `max_retries`
-retries the call raises `RewardServerError` naming the URL and the last error. HTTP 4xx (a bad
-request) is not retried. Only the standard library is used.
+Every request is retried on connection errors, timeouts, HTTP 5xx (a GenEval server answers 500
+with its traceback when a worker fails), 408 and 429, waiting backoff * 2^k seconds (capped at
+60 s) before attempt k + 1. A batch is never scored 0 because a server was unreachable: after
+`max_retries` retries the call raises `RewardServerError` naming the URL and the last error.
+Other HTTP 4xx (a bad request) fail at once. Only the standard library is used.
 
 `RemoteReward` scores any registered reward on titan_flow's own server (`python -m
 titan_flow.rewards.serve`), so a reward runs locally or served with the same results.
@@ -27,6 +27,7 @@ from titan_flow.rewards.registry import Reward, as_float_images, scores_tensor, 
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF_SECONDS = 60.0
+RETRIED_CLIENT_ERRORS = (408, 429)  # request timeout, too many requests: the server is busy, not the request bad
 
 
 class RewardServerError(RuntimeError):
@@ -38,6 +39,14 @@ class RetryPolicy:
     timeout_seconds: float = 120.0
     max_retries: int = 30
     backoff_seconds: float = 1.0
+
+    def __post_init__(self):
+        if not self.timeout_seconds > 0:
+            raise ValueError(f"reward.timeout_seconds must be > 0, got {self.timeout_seconds}")
+        if not (isinstance(self.max_retries, int) and self.max_retries >= 0):
+            raise ValueError(f"reward.max_retries must be an integer >= 0, got {self.max_retries!r}")
+        if not self.backoff_seconds >= 0:
+            raise ValueError(f"reward.retry_backoff_seconds must be >= 0, got {self.backoff_seconds}")
 
     def delay(self, retry: int) -> float:
         return min(self.backoff_seconds * 2**retry, MAX_BACKOFF_SECONDS)
@@ -55,7 +64,7 @@ def post(url: str, body: bytes, policy: RetryPolicy, content_type: str = "applic
                 return response.read()
         except urllib.error.HTTPError as e:
             detail = e.read().decode("utf-8", "replace")[-2000:]
-            if e.code < 500:
+            if e.code < 500 and e.code not in RETRIED_CLIENT_ERRORS:
                 raise RewardServerError(f"reward server {url} rejected the request: HTTP {e.code}: {detail}") from None
             error = f"HTTP {e.code}: {detail}"
             summary = f"HTTP {e.code}: {detail.strip().splitlines()[-1][:300] if detail.strip() else ''}"
