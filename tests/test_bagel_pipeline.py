@@ -278,3 +278,13 @@ def test_fsdp_parallelized_model_gives_the_same_velocity_and_trains_the_gen_expe
             select_trainable(random_model(), "all")
     finally:
         destroy_distributed()
+
+
+def test_debug_config_trains_on_cpu(tmp_path):
+    from pathlib import Path
+
+    from titan_flow.train import main
+
+    config = Path(__file__).parent.parent / "train_configs" / "bagel_debug_cpu.toml"
+    assert main(["--job.config_file", str(config), "--job.output_dir", str(tmp_path), "--training.steps", "1"]) == 0
+    assert (tmp_path / "bagel_debug_cpu" / "config.json").is_file()
