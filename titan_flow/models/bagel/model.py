@@ -267,16 +267,19 @@ def attention_mask(split_lens: list[int], split_modes: list[str]) -> torch.Tenso
     return mask
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
 def scatter_rows(values: list[torch.Tensor], indexes: list[torch.Tensor]) -> torch.Tensor:
     """Out-of-place `out[indexes[j]] = values[j]` for index sets that partition 0..N-1.
 
     One gather instead of in-place writes into a buffer, so it is safe for autograd (the in-place
     writes of the reference break it) and cheap.
     """
-    order = torch.cat(indexes)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return torch.cat(values)[inverse]
+    return torch.cat(values)[inverse_permutation(torch.cat(indexes))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,9 +292,7 @@ class Routing:
     def __init__(self, gen_mask: torch.Tensor):
         self.und = (~gen_mask).nonzero().squeeze(1)
         self.gen = gen_mask.nonzero().squeeze(1)
-        order = torch.cat([self.und, self.gen])
-        self.inverse = torch.empty_like(order)
-        self.inverse[order] = torch.arange(order.numel(), device=order.device)
+        self.inverse = inverse_permutation(torch.cat([self.und, self.gen]))
 
     def apply(self, und_fn: Callable, gen_fn: Callable, x: torch.Tensor):
         """und_fn on the und tokens and gen_fn on the gen tokens, results back in packed order.
@@ -343,7 +344,8 @@ class KVCache:
     def token_index(self, contexts: list[int]) -> torch.Tensor:
         """Rows of the chosen contexts, concatenated in the given order (repeats allowed)."""
         offsets = self.offsets
-        return torch.cat([torch.arange(offsets[c], offsets[c] + self.lens[c]) for c in contexts] + [torch.zeros(0, dtype=torch.long)])
+        rows = [torch.arange(offsets[c], offsets[c] + self.lens[c]) for c in contexts]
+        return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
     def select(self, contexts: list[int]) -> KVCache:
         """A cache holding the chosen contexts (repeats allowed), e.g. to share a prefix between branches."""
@@ -383,13 +385,12 @@ class CachedAttention:
         key_lens = [cache.lens[c] + n for c, n in zip(contexts, query_lens)]
         self.gather = None
         if cache.keys is not None and sum(cache.lens[c] for c in contexts) > 0:
-            cached_total = sum(cache.lens)
-            offsets, starts, q_start = cache.offsets, [], cached_total
+            # rows of cat([cached keys, new keys]) in the order [context 0, queries 0, context 1, ...]
+            pieces, q_start = [], sum(cache.lens)
             for c, n in zip(contexts, query_lens):
-                starts.append(torch.arange(offsets[c], offsets[c] + cache.lens[c]))
-                starts.append(torch.arange(q_start, q_start + n))
+                pieces += [cache.token_index([c]), torch.arange(q_start, q_start + n)]
                 q_start += n
-            self.gather = torch.cat(starts).to(device)
+            self.gather = torch.cat(pieces).to(device)
         self.cu_q = F.pad(torch.tensor(query_lens).cumsum(0), (1, 0)).to(device, torch.int32)
         self.cu_k = F.pad(torch.tensor(key_lens).cumsum(0), (1, 0)).to(device, torch.int32)
         self.max_q, self.max_k = max(query_lens), max(key_lens)
