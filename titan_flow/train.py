@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.training.ema
         else None
     )
-    reward_fn = MultiReward(cfg.reward.fns, cfg.reward.model_paths, cfg.reward.device or dims.device, urls=cfg.reward.urls, timeout_seconds=cfg.reward.timeout_seconds, max_retries=cfg.reward.max_retries, retry_backoff_seconds=cfg.reward.retry_backoff_seconds, options=cfg.reward.options)
+    r = cfg.reward
+    reward_fn = MultiReward(
+        r.fns, r.model_paths, r.device or dims.device, urls=r.urls, timeout_seconds=r.timeout_seconds,
+        max_retries=r.max_retries, retry_backoff_seconds=r.retry_backoff_seconds, options=r.options,
+    )
     dataset = build_dataset(cfg, cfg.data.train_split)
     s = cfg.sampling
     sampler = KRepeatSampler(
@@ -167,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 ckpt.save(epoch + 1)
         ckpt.close()
     finally:
+        reward_fn.close()
         metrics.close()
         destroy_distributed()
     return 0

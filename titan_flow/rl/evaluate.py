@@ -13,14 +13,14 @@ import torch
 from tqdm import tqdm
 
 from titan_flow.distributed.utils import all_gather_tensor
+from titan_flow.rewards import geneval_breakdown, reward_means
 from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
-
-NOT_THIS_TASK = -10.0  # GenEval's per-task keys mark other tasks' prompts with -10
 
 
 @torch.no_grad()
 def evaluate(cfg, dims, policy, model, ema, reward_fn, dataset):
-    """Returns (scalars, images, captions) with `eval/reward_<key>` means over the whole test set."""
+    """Returns (scalars, images, captions): `eval/reward_<key>` means over the whole test set (GenEval's
+    "not this task" entries excluded) and, for GenEval, `eval/geneval/<task>` and the overall score."""
     e = cfg.eval
     n_total = len(dataset) if e.max_prompts <= 0 else min(e.max_prompts, len(dataset))
     per_rank = -(-n_total // dims.world_size)
@@ -40,18 +40,16 @@ def evaluate(cfg, dims, policy, model, ema, reward_fn, dataset):
             x0 = policy.initial_noise(len(index), [torch.Generator().manual_seed(cfg.job.seed + i) for i in index])
             traj = sample_trajectory(policy, model, cond, x0, sigmas, levels, "sde", e.guidance_scale)
             imgs = policy.decode(traj.latents[:, -1])
-            rewards = reward_fn(imgs, prompts, [m for _, m in items])
+            rewards = reward_fn(imgs, prompts, [m for _, m in items], only_strict=False)
             for k, v in rewards.items():
                 scores.setdefault(k, []).append(v.float().to(dims.device))
             if len(images) < cfg.metrics.num_log_images:
                 images.append(imgs.float().cpu())
                 captions += [f"{p} | {r:.3f}" for p, r in zip(prompts, rewards["avg"].tolist())]
     valid = all_gather_tensor(torch.tensor([i < n_total for i in mine], device=dims.device))
+    gathered = {k: all_gather_tensor(torch.cat(parts))[valid] for k, parts in scores.items()}
     scalars = {"eval/num_prompts": float(n_total)}
-    for k, parts in scores.items():
-        values = all_gather_tensor(torch.cat(parts))[valid]
-        values = values[values != NOT_THIS_TASK]
-        if values.numel():
-            scalars[f"eval/reward_{k}"] = values.mean().item()
+    scalars.update({f"eval/reward_{k}": v for k, v in reward_means(gathered).items()})
+    scalars.update({f"eval/geneval/{k}": v for k, v in geneval_breakdown(gathered).items()})
     n_img = cfg.metrics.num_log_images
     return scalars, torch.cat(images)[:n_img], captions[:n_img]

@@ -18,6 +18,7 @@ from tqdm import tqdm
 import kernels
 from titan_flow.config import JobConfig
 from titan_flow.distributed.utils import ParallelDims, all_gather_object, all_gather_tensor, clip_grad_norm
+from titan_flow.rewards import masked_mean
 from titan_flow.rl.advantage import compute_advantages
 from titan_flow.rl.metrics import StepStats
 from titan_flow.rl.rollout import Trajectory, draw_sde_window, prompt_seed, sample_trajectory, step_noise_levels, trained_steps
@@ -98,10 +99,9 @@ class GRPO:
         gathered = {}
         for key in batches[0].rewards:
             gathered[key] = all_gather_tensor(torch.cat([b.rewards[key].float() for b in batches]))
-            valid = gathered[key][gathered[key] != -10]  # -10 marks "not this task" in GenEval's per-task keys
-            if valid.numel():
-                scalars[f"reward/{key}_mean"] = valid.mean().item()
-                scalars[f"reward/{key}_std"] = valid.std(unbiased=False).item()
+            scalars[f"reward/{key}_mean"] = masked_mean(gathered[key])  # GenEval's per-task keys hold -10 entries
+        for key in ["avg", *self.cfg.reward.fns]:
+            scalars[f"reward/{key}_std"] = gathered[key].std(unbiased=False).item()
         all_prompts = [p for rank_prompts in all_gather_object([p for b in batches for p in b.prompts]) for p in rank_prompts]
         adv, stats = compute_advantages(gathered["avg"].cpu(), all_prompts, rl.global_std, rl.per_prompt_stat_tracking)
         mine = adv.view(self.dims.world_size, -1)[self.dims.rank].to(self.dims.device)
