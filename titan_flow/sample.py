@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         levels = step_noise_levels(args.steps, args.noise_level, None)
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
-            cond = policy.encode(batch)
+            cond = policy.encode(batch, model=model)
             x0 = policy.initial_noise(len(batch), generator).to(dims.device)
             traj = sample_trajectory(policy, model, cond, x0, sigmas, levels, args.sde_type, args.guidance, generator)
             with torch.no_grad():

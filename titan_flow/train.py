@@ -38,7 +38,8 @@ def run_dir(cfg: JobConfig) -> Path:
 
 
 def build_policy(cfg: JobConfig, device: torch.device):
-    return get_model_spec(cfg.model.name).pipeline_cls.load(
+    spec = get_model_spec(cfg.model.name)
+    return spec.pipeline_cls.load(
         cfg.model.pretrained_path,
         device=device,
         encoder_dtype=DTYPES[cfg.model.encoder_dtype],
@@ -47,6 +48,7 @@ def build_policy(cfg: JobConfig, device: torch.device):
         max_sequence_length=cfg.model.max_sequence_length,
         negative_prompt=cfg.sampling.negative_prompt,
         seed=cfg.job.seed,
+        **spec.pipeline_options(cfg),
     )
 
 
@@ -55,7 +57,7 @@ def build_model(cfg: JobConfig, dims: ParallelDims, trainable: bool) -> torch.nn
     spec = get_model_spec(cfg.model.name)
     dtype = DTYPES[cfg.model.dtype]
     if cfg.model.pretrained_path:
-        model = spec.from_pretrained(str(Path(cfg.model.pretrained_path) / "transformer"), dtype=dtype, device=dims.device)
+        model = spec.from_pretrained(cfg.model.pretrained_path, dtype=dtype, device=dims.device)
     else:
         torch.manual_seed(cfg.job.seed)  # the same random init on every rank
         model = spec.build(cfg.model.flavor, device=dims.device, dtype=dtype)
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if ema is not None:
         states["ema"] = ema
     ckpt = CheckpointManager(
-        out / cfg.checkpoint.folder, states, {"noise": noise_generator}, dims.rank,
+        out / cfg.checkpoint.folder, states, {"noise": noise_generator},
         cfg.checkpoint.interval, cfg.checkpoint.keep_latest_k, cfg.checkpoint.async_mode == "async",
         enable=cfg.checkpoint.enable,
     )

@@ -41,6 +41,7 @@ class ModelSpec:
     from_diffusers: Callable[[dict], dict]  # the published key format -> ours
     pipeline_cls: type
     parallelize: Callable[..., nn.Module]  # (model, dims, cfg, trainable) -> model
+    pipeline_options: Callable[[Any], dict] = lambda cfg: {}  # JobConfig -> family-specific load() keywords
 
     def args(self, flavor: str):
         if flavor not in self.flavors:

@@ -16,6 +16,11 @@ SPEC = ModelSpec(
     from_diffusers=from_bagel,
     pipeline_cls=BagelPipeline,
     parallelize=parallelize_bagel,
+    pipeline_options=lambda cfg: dict(
+        image_guidance_scale=cfg.sampling.image_guidance_scale,
+        cfg_interval=tuple(cfg.sampling.cfg_interval),
+        cfg_renorm_min=cfg.sampling.cfg_renorm_min,
+    ),
 )
 
 __all__ = ["FLAVORS", "SPEC", "Bagel", "BagelArgs", "BagelPipeline", "VitArgs"]
