@@ -59,6 +59,11 @@ class Sampling:
     same_latent: bool = doc(False, "all members of a group start from the same initial noise")
     sde_window_size: int = doc(0, "Flow-GRPO-Fast: number of SDE steps (0 = SDE on every step)")
     sde_window_range: list = doc(lambda: [0, 10], "Flow-GRPO-Fast: [lo, hi) range the window is placed in")
+    branch_prefix: bool = doc(
+        False,
+        "legacy Flow-GRPO-Fast: the members of a group share one ODE prefix up to the window (initial noise per "
+        "prompt, prefix run once per distinct prompt on each rank) and branch into independent SDE steps there",
+    )
     cfg_interval: list = doc(lambda: [0.0, 1.0], "Bagel: CFG applies only where lo < sigma <= hi")
     image_guidance_scale: float = doc(1.0, "Bagel editing: image CFG scale (<= 1 disables)")
     cfg_renorm_min: float = doc(0.0, "Bagel: guided velocity is rescaled by clamp(|v_cond|/|v_cfg|, min, 1) per sample (1 disables)")
@@ -66,7 +71,11 @@ class Sampling:
 
 @dataclass
 class RL:
-    algorithm: str = choices("grpo", "grpo", "dpo", "sft", help="training algorithm")
+    algorithm: str = choices(
+        "grpo", "grpo", "dpo", "online_dpo", "sft", "online_sft",
+        help="grpo (Flow-GRPO, -Fast, GRPO-Guard); dpo / sft: rollouts from the frozen initial policy; "
+        "online_dpo / online_sft: that reference policy follows the trained one (rl.ref_update_interval)",
+    )
     clip_range: float = doc(1e-4, "PPO clip range epsilon")
     adv_clip_max: float = doc(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
     beta: float = doc(0.0, "weight of the KL to the reference policy (0 = no reference model)")
@@ -75,6 +84,33 @@ class RL:
     per_prompt_stat_tracking: bool = doc(True, "advantages relative to the prompt's group mean")
     train_cfg: bool = doc(True, "use the same CFG as rollout in the training forward")
     num_inner_epochs: int = doc(1, "passes over each epoch's collected data")
+    ref_update_interval: int = doc(
+        1,
+        "online_dpo / online_sft: the reference policy (it samples the rollouts and anchors the DPO loss) is set "
+        "to the trained policy every this many optimizer steps (the reference's ref_update_step; its example: 40)",
+    )
+    dpo_beta: float = doc(100.0, "Flow-DPO: beta in -log sigmoid(-beta/2 ((e_w - e_w_ref) - (e_l - e_l_ref)))")
+    ratio_norm: bool = doc(
+        False, "GRPO-Guard RatioNorm: log-ratio <- S (log-ratio + b), b = mean (mu - mu_old)^2 / (2 S^2) per sample"
+    )
+    ratio_norm_batch_bias: bool = doc(
+        False, "GRPO-Guard: average b over the batch, as the reference code does by accident (bit-compatible runs)"
+    )
+    grad_reweight: bool = doc(False, "GRPO-Guard: divide each denoising step's policy loss by its |dt|")
+
+
+@dataclass
+class Lora:
+    enable: bool = doc(False, "train low-rank adapters on a frozen base model instead of every weight")
+    rank: int = doc(32, "adapter rank r (the reference: SD3 32, FLUX/Qwen-Image/Bagel 64)")
+    alpha: float = doc(64.0, "adapter output is scaled by alpha / rank (the reference: 2 * rank)")
+    target_modules: list = doc(
+        lambda: [
+            "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+        ],
+        "nn.Linear layers to adapt, by module name or dotted suffix (PEFT's rule); default: SD3's attention",
+    )
 
 
 @dataclass
@@ -185,6 +221,7 @@ class JobConfig:
     model: Model = field(default_factory=Model)
     sampling: Sampling = field(default_factory=Sampling)
     rl: RL = field(default_factory=RL)
+    lora: Lora = field(default_factory=Lora)
     optimizer: Optimizer = field(default_factory=Optimizer)
     training: Training = field(default_factory=Training)
     parallelism: Parallelism = field(default_factory=Parallelism)

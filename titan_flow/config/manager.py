@@ -184,6 +184,12 @@ def validate(cfg: JobConfig) -> None:
             f"sampling.sde_window_size ({s.sde_window_size}) must fit in sampling.sde_window_range "
             f"{s.sde_window_range} (width {width})",
         )
+    if s.branch_prefix:
+        need(
+            s.sde_window_size > 0,
+            "sampling.branch_prefix (legacy Fast) branches at the SDE window; set sampling.sde_window_size > 0",
+        )
+    _validate_algorithm(cfg, need)
     need(0 < rl.timestep_fraction <= 1, f"rl.timestep_fraction must be in (0, 1], got {rl.timestep_fraction}")
     need(rl.clip_range > 0, f"rl.clip_range must be > 0, got {rl.clip_range}")
     need(rl.beta >= 0, f"rl.beta must be >= 0, got {rl.beta}")
@@ -200,6 +206,51 @@ def validate(cfg: JobConfig) -> None:
     for name, w in cfg.reward.fns.items():
         need(isinstance(w, (int, float)) and not isinstance(w, bool), f"reward.fns.{name}: weight must be a number, got {w!r}")
     need(len(cfg.reward.fns) > 0, "reward.fns is empty; give at least one reward, e.g. {jpeg_compressibility = 1.0}")
+
+
+def _validate_algorithm(cfg: JobConfig, need) -> None:
+    """The algorithm family's cross-field rules (rl, lora, and the sampling they depend on)."""
+    s, rl, lora = cfg.sampling, cfg.rl, cfg.lora
+    if not rl.train_cfg:
+        need(
+            s.guidance_scale <= 1,
+            f"rl.train_cfg = false trains without CFG, but sampling.guidance_scale = {s.guidance_scale} samples "
+            "with it, so the importance ratio could never be 1; the no-CFG recipe sets sampling.guidance_scale = 1",
+        )
+    if rl.ratio_norm or rl.grad_reweight:
+        need(
+            rl.algorithm == "grpo",
+            f"rl.ratio_norm / rl.grad_reweight (GRPO-Guard) need rl.algorithm = 'grpo', got {rl.algorithm!r}",
+        )
+    if rl.ratio_norm:
+        need(
+            s.sde_type == "sde",
+            f"rl.ratio_norm: the RatioNorm bias cancels the Gaussian log-prob's quadratic term, so it needs "
+            f"sampling.sde_type = 'sde', got {s.sde_type!r}",
+        )
+    need(not rl.ratio_norm_batch_bias or rl.ratio_norm, "rl.ratio_norm_batch_bias only applies with rl.ratio_norm = true")
+    need(rl.ref_update_interval >= 1, f"rl.ref_update_interval must be >= 1, got {rl.ref_update_interval}")
+    need(rl.dpo_beta > 0, f"rl.dpo_beta must be > 0, got {rl.dpo_beta}")
+    if rl.algorithm in ("dpo", "online_dpo"):
+        need(
+            s.num_image_per_prompt >= 2,
+            f"rl.algorithm = {rl.algorithm!r} trains on best/worst pairs of a group; "
+            f"sampling.num_image_per_prompt must be >= 2, got {s.num_image_per_prompt}",
+        )
+    if rl.algorithm == "online_sft" and rl.beta > 0:
+        need(
+            lora.enable,
+            "rl.algorithm = 'online_sft' with rl.beta > 0 keeps its KL to the initial model while the rollouts "
+            "come from a moving reference; with full fine-tuning that needs two frozen copies, so set "
+            "lora.enable = true (the KL then uses the adapter-disabled base) or rl.beta = 0",
+        )
+    if lora.enable:
+        need(lora.rank >= 1, f"lora.rank must be >= 1, got {lora.rank}")
+        need(lora.alpha > 0, f"lora.alpha must be > 0, got {lora.alpha}")
+        need(
+            len(lora.target_modules) > 0 and all(isinstance(t, str) and t for t in lora.target_modules),
+            f"lora.target_modules must be a non-empty list of module names, got {lora.target_modules!r}",
+        )
 
 
 def build_job_config(argv: list[str] | None = None) -> JobConfig:
