@@ -1,17 +1,25 @@
 """DCP checkpoints that resume exactly, reshard across world sizes, and are never half-written.
 
-Layout of one checkpoint: `<run>/<folder>/step-00000010/` holds the DCP shards of everything that
-is the same on every rank (model, optimizer, EMA, sampler position, step counters) plus one
-`rank_<r>.pt` per rank with that rank's RNG streams. A checkpoint counts as complete only once its
-`COMPLETE` marker exists; the marker is written after every rank has finished writing, so a crash
-mid-save leaves a folder that resume skips.
+Layout of one checkpoint, `<run>/<folder>/step-00000010/`:
+- the DCP files (`.metadata`, `__<rank>_<n>.distcp`) of everything that is the same on every rank
+  or sharded across ranks: model, optimizer, EMA, sampler position, step counters;
+- `rank_<r>.pt`, that rank's RNG streams (torch, CUDA, python, numpy, the SDE noise generator);
+- `COMPLETE`, a JSON manifest (size and CRC-32 of every other file) written last, atomically, by
+  rank 0 once every rank has finished writing.
+
+A folder without the marker is an interrupted save: resume skips it and a new save of that step
+replaces it. Loading checks the manifest first (each rank checks a share of the files), so a
+truncated, missing or altered file fails with its name instead of loading garbage.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import shutil
+import zlib
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -32,6 +41,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 logger = logging.getLogger("titan_flow")
 
 MARKER = "COMPLETE"
+STEP_PREFIX = "step-"
 
 
 class CheckpointError(RuntimeError):
@@ -83,41 +93,129 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -
 
 
 def step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:08d}"
+    return Path(root) / f"{STEP_PREFIX}{step:08d}"
 
 
 def complete_steps(root: Path) -> list[int]:
+    """Steps whose checkpoint folder has its COMPLETE marker, oldest first."""
+    root = Path(root)
     if not root.is_dir():
         return []
     steps = []
     for d in root.iterdir():
-        if d.is_dir() and d.name.startswith("step-") and (d / MARKER).exists():
-            steps.append(int(d.name[len("step-"):]))
+        if d.is_dir() and d.name.startswith(STEP_PREFIX) and d.name[len(STEP_PREFIX) :].isdigit():
+            if (d / MARKER).exists():
+                steps.append(int(d.name[len(STEP_PREFIX) :]))
     return sorted(steps)
 
 
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _first_failure(e: BaseException) -> str:
+    """The underlying error of a DCP failure, without the per-rank tracebacks DCP wraps it in."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (inner, _) = next(iter(sorted(e.failures.items())))
+        return f"{type(inner).__name__} on rank {rank}: {inner}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """This rank's share of the files to checksum: the work is spread over the ranks."""
+    rank, world = _world()
+    return sorted(names)[rank::world]
+
+
+def write_manifest(path: Path, step: int) -> None:
+    """Collective: checksum every file of the finished save, then rank 0 writes the marker atomically."""
+    _barrier()  # every rank's files are on disk
+    names = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(MARKER))
+    mine = {n: {"size": (path / n).stat().st_size, "crc32": _crc32(path / n)} for n in _my_share(names)}
+    files = {k: v for part in _gather(mine) for k, v in part.items()}
+    if _world()[0] == 0:
+        tmp = path / f"{MARKER}.tmp"
+        tmp.write_text(json.dumps({"step": step, "world_size": _world()[1], "files": files}, indent=1) + "\n")
+        os.replace(tmp, path / MARKER)
+    _barrier()
+
+
+def verify_manifest(path: Path) -> None:
+    """Collective: raise CheckpointError (on every rank) naming each file that is missing or altered."""
+    try:
+        manifest = json.loads((path / MARKER).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as e:
+        problems = [f"its {MARKER} marker is unreadable ({type(e).__name__}: {e})"]
+    else:
+        problems = []
+        for name in _my_share(list(files)):
+            f, want = path / name, files[name]
+            if not f.is_file():
+                problems.append(f"{name} is missing")
+            elif f.stat().st_size != want["size"]:
+                problems.append(f"{name} has {f.stat().st_size} bytes, {want['size']} were written")
+            elif _crc32(f) != want["crc32"]:
+                problems.append(f"{name} has changed since it was written (CRC-32 mismatch)")
+    problems = sorted(p for part in _gather(problems) for p in part)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: " + "; ".join(problems)
+            + f". Delete the folder to resume from an older checkpoint, or pick one with --checkpoint.load_step"
+        )
+
+
 class CheckpointManager:
+    """Saves `states` (DCP Stateful objects) and each rank's RNG `generators` every `interval` steps."""
+
     def __init__(
         self,
         folder: Path,
         states: dict[str, Stateful],
         generators: dict[str, torch.Generator],
-        rank: int,
         interval: int,
         keep_latest_k: int,
         async_save: bool,
         enable: bool = True,
     ):
+        if interval < 1:
+            raise ValueError(f"checkpoint.interval must be >= 1 (save every that many epochs), got {interval}")
+        if keep_latest_k < 0:
+            raise ValueError(f"checkpoint.keep_latest_k must be >= 0 (0 keeps all), got {keep_latest_k}")
         self.folder = Path(folder)
         self.states = states
         self.generators = generators
-        self.rank = rank
+        self.rank = _world()[0]
         self.interval = interval
         self.keep_latest_k = keep_latest_k
-        self.async_save = async_save
+        self.async_save = async_save and enable
         self.enable = enable
         self._pending: tuple[int, Future] | None = None
-        self._async_pg = dist.new_group(backend="gloo") if async_save else None
+        # DCP's background writes run their collectives on a gloo group of their own.
+        self._async_pg = dist.new_group(backend="gloo") if self.async_save and dist.is_initialized() else None
 
     # ------------------------------------------------------------------ save
     def should_save(self, step: int, last_step: int) -> bool:
@@ -128,12 +226,14 @@ class CheckpointManager:
         self.wait()
         path = step_dir(self.folder, step)
         if self.rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
+            if path.exists():  # an interrupted save of this step, or an older branch of the run
+                (path / MARKER).unlink(missing_ok=True)
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        _barrier()
         torch.save(capture_rng(self.generators), path / f"rank_{self.rank}.pt")
         if self.async_save:
-            future = dcp.async_save(self.states, checkpoint_id=str(path), process_group=self._async_pg)
-            self._pending = (step, future)
+            self._pending = (step, dcp.async_save(self.states, checkpoint_id=str(path), process_group=self._async_pg))
         else:
             dcp.save(self.states, checkpoint_id=str(path))
             self._finish(step)
@@ -148,18 +248,19 @@ class CheckpointManager:
         self._finish(step)
 
     def _finish(self, step: int) -> None:
-        dist.barrier()
+        write_manifest(step_dir(self.folder, step), step)
         if self.rank == 0:
-            (step_dir(self.folder, step) / MARKER).write_text(f"{step}\n")
             self._purge()
-        dist.barrier()
+        _barrier()
         logger.info("checkpoint step %d saved to %s", step, step_dir(self.folder, step))
 
     def _purge(self) -> None:
         if self.keep_latest_k <= 0:
             return
         for old in complete_steps(self.folder)[: -self.keep_latest_k]:
-            shutil.rmtree(step_dir(self.folder, old), ignore_errors=True)
+            path = step_dir(self.folder, old)
+            (path / MARKER).unlink()  # first, so a crash mid-delete leaves a folder resume skips
+            shutil.rmtree(path)
 
     # ------------------------------------------------------------------ load
     def resolve_step(self, load_step: int) -> int | None:
@@ -169,22 +270,27 @@ class CheckpointManager:
             path = step_dir(self.folder, load_step)
             if not path.is_dir():
                 raise CheckpointError(
-                    f"checkpoint.load_step {load_step}: {path} does not exist; complete checkpoints: {steps or 'none'}"
+                    f"checkpoint.load_step {load_step}: {path} does not exist; complete checkpoints in "
+                    f"{self.folder}: {steps or 'none'}"
                 )
             if load_step not in steps:
                 raise CheckpointError(
-                    f"checkpoint.load_step {load_step}: {path} has no {MARKER} marker (the save was interrupted); "
-                    f"complete checkpoints: {steps or 'none'}"
+                    f"checkpoint.load_step {load_step}: {path} has no {MARKER} marker (its save was interrupted); "
+                    f"complete checkpoints in {self.folder}: {steps or 'none'}"
                 )
             return load_step
         return steps[-1] if steps else None
 
     def load(self, step: int) -> None:
         path = step_dir(self.folder, step)
+        verify_manifest(path)
         try:
             dcp.load(self.states, checkpoint_id=str(path))
-        except Exception as e:  # DCP raises a variety of errors for damaged files
-            raise CheckpointError(f"could not load checkpoint {path}: {type(e).__name__}: {e}") from e
+        except (Exception, CheckpointException) as e:  # all mean: this checkpoint does not fit these states
+            raise CheckpointError(
+                f"could not load checkpoint {path}: {_first_failure(e)}. "
+                "Was it saved by a run with the same model, trainable parameters and EMA settings?"
+            ) from e
         rng_file = path / f"rank_{self.rank}.pt"
         if rng_file.exists():
             restore_rng(torch.load(rng_file, weights_only=False), self.generators)
