@@ -25,8 +25,9 @@ from titan_flow.distributed.parallelize import DTYPES
 from titan_flow.distributed.utils import ParallelDims, destroy_distributed, init_distributed
 from titan_flow.metrics import MetricsLogger, setup_logging
 from titan_flow.models import get_model_spec
+from titan_flow.models.common.lora import apply_lora, mark_only_lora_trainable
 from titan_flow.rewards import MultiReward
-from titan_flow.rl.algorithms.grpo import GRPO
+from titan_flow.rl.algorithms import OnlineAlgorithm, build_algorithm, needs_frozen_copy, needs_lora_reference_slot
 from titan_flow.rl.ema import EMA
 from titan_flow.rl.evaluate import evaluate
 
@@ -62,13 +63,20 @@ def build_model(cfg: JobConfig, dims: ParallelDims, trainable: bool) -> torch.nn
         torch.manual_seed(cfg.job.seed)  # the same random init on every rank
         model = spec.build(cfg.model.flavor, device=dims.device, dtype=dtype)
     model.requires_grad_(trainable)
-    return spec.parallelize(model, dims, cfg, trainable=trainable)
+    lora = trainable and cfg.lora.enable
+    if lora:  # before parallelize: AC, compile and FSDP2 then wrap the adapters with their layers
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, seed=cfg.job.seed,
+                   with_reference=needs_lora_reference_slot(cfg))
+    model = spec.parallelize(model, dims, cfg, trainable=trainable)
+    if lora:  # a family's plan may pick its own trainable set (Bagel: the gen expert); LoRA trains adapters only
+        mark_only_lora_trainable(model)
+    return model
 
 
 class TrainState(Stateful):
     """Counters and streams that are identical on every rank: epoch, optimizer step, sampler, Fast window."""
 
-    def __init__(self, algo: GRPO, sampler):
+    def __init__(self, algo: OnlineAlgorithm, sampler):
         self.algo, self.sampler = algo, sampler
         self.epoch = 0
 
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     policy = build_policy(cfg, dims.device)
     model = build_model(cfg, dims, trainable=True)
-    ref_model = build_model(cfg, dims, trainable=False) if cfg.rl.beta > 0 else None
+    frozen_copy = build_model(cfg, dims, trainable=False) if needs_frozen_copy(cfg) else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimizer
     optimizer = torch.optim.AdamW(
@@ -128,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         len(dataset), s.batch_size, s.num_image_per_prompt, dims.world_size, dims.rank, cfg.job.seed
     )
     noise_generator = torch.Generator(device=dims.device).manual_seed(cfg.job.seed * 1000 + dims.rank)
-    algo = GRPO(cfg, dims, policy, model, ref_model, optimizer, ema, reward_fn, dataset, sampler, noise_generator)
+    algo = build_algorithm(
+        cfg, dims, policy, model, frozen_copy, optimizer, ema, reward_fn, dataset, sampler, noise_generator
+    )
     metrics = MetricsLogger(out, cfg.metrics.enable_tensorboard, dims.is_main)
 
     train_state = TrainState(algo, sampler)
@@ -161,13 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics.log_scalars(result.scalars, epoch)
             if cfg.metrics.image_log_freq and epoch % cfg.metrics.image_log_freq == 0:
                 metrics.log_images("rollout/images", result.images, result.captions, epoch)
-            sc = result.scalars
-            logger.info(
-                "epoch %d  reward %.4f  loss %.4g  kl %s  clipfrac %.3f  ratio [%.4f, %.4f]  grad %.3g  %.1fs",
-                epoch, sc["reward/avg_mean"], sc["loss/total"], f"{sc['loss/kl']:.3g}" if "loss/kl" in sc else "-",
-                sc["loss/clipfrac"], sc["ratio/min"], sc["ratio/max"], sc["optim/grad_norm"],
-                time.perf_counter() - t0,
-            )
+            logger.info("epoch %d  %s  %.1fs", epoch, result.summary, time.perf_counter() - t0)
             train_state.epoch = epoch + 1
             if ckpt.should_save(epoch + 1, cfg.training.steps):
                 ckpt.save(epoch + 1)

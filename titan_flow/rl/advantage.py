@@ -11,14 +11,23 @@ import torch
 EPS = 1e-4
 
 
-def compute_advantages(
-    rewards: torch.Tensor, keys: list[str], global_std: bool, per_prompt: bool = True
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """A_j = (r_j - mean of j's group) / (std + 1e-4), std = population std of the group or of all rewards.
+MODES = ("grpo", "sft", "dpo")
 
-    Without per-prompt tracking (or when every group has one member) the whole batch is one group.
-    Returns the advantages and the reference's group statistics for logging.
+
+def compute_advantages(
+    rewards: torch.Tensor, keys: list[str], global_std: bool, per_prompt: bool = True, mode: str = "grpo"
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-group advantages; the group statistics for logging come with them.
+
+    mode "grpo": A_j = (r_j - mean of j's group) / (std + 1e-4), std = population std of the group or
+    of all rewards. "sft": 1 for every member with the group's best reward, else 0 (the reference's
+    tracker). "dpo": +1 for the group's best, -1 for its worst (first occurrence on ties), 0 for the
+    rest; a group whose rewards are all equal gets no pair (all 0), where the reference would mark
+    members 1 and 0 as best and worst anyway. Without per-prompt tracking (or when every group has
+    one member) the whole batch is one group.
     """
+    if mode not in MODES:
+        raise ValueError(f"advantage mode {mode!r} is not one of {MODES}")
     rewards = rewards.double()
     if len(keys) != rewards.numel():
         raise ValueError(f"{len(keys)} prompt keys for {rewards.numel()} rewards")
@@ -34,7 +43,15 @@ def compute_advantages(
         r = rewards[idx]
         std = r.std(unbiased=False)
         group_stds.append(std)
-        adv[idx] = (r - r.mean()) / ((all_std if global_std else std) + EPS)
+        if mode == "grpo":
+            adv[idx] = (r - r.mean()) / ((all_std if global_std else std) + EPS)
+        elif mode == "sft":
+            adv[idx] = (r == r.max()).double()
+        else:
+            pair = torch.zeros_like(r)
+            if r.max() > r.min():
+                pair[r.argmax()], pair[r.argmin()] = 1.0, -1.0
+            adv[idx] = pair
     stds = torch.stack(group_stds)
     stats = {
         "group_size": len(keys) / len(groups),

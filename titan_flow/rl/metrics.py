@@ -1,7 +1,8 @@
 """Training-step statistics: means over micro-steps and ranks, and the ratio per denoising step.
 
 The per-step ratio mean/std is GRPO-Guard's diagnostic (the ratio drifts below 1 at low-noise steps);
-the reference logs no ratio at all.
+the reference logs no ratio at all. With RatioNorm on, `ratio/` is the normalised ratio the loss
+clips and `raw_ratio/` the plain exp(log_prob - old_log_prob) whose left shift RatioNorm removes.
 """
 
 from __future__ import annotations
@@ -15,48 +16,63 @@ from kernels import ClippedLoss
 class StepStats:
     def __init__(self):
         self.sums: dict[str, list[torch.Tensor]] = {}
-        self.ratios: dict[int, list[torch.Tensor]] = {}
+        self.ratios: dict[str, dict[int, list[torch.Tensor]]] = {}
 
-    def add(self, step: int, pl: ClippedLoss, loss: torch.Tensor, kl: torch.Tensor | None) -> None:
+    def add_scalars(self, values: dict[str, torch.Tensor]) -> None:
+        """Scalars averaged over the epoch's micro-steps (and ranks) by `reduce`."""
+        for k, v in values.items():
+            self.sums.setdefault(k, []).append(v.detach().float().reshape(()))
+
+    def add_ratio(self, name: str, step: int, ratio: torch.Tensor) -> None:
+        self.ratios.setdefault(name, {}).setdefault(step, []).append(ratio.detach().float())
+
+    def add(self, step: int, pl: ClippedLoss, loss: torch.Tensor, kl: torch.Tensor | None,
+            raw_ratio: torch.Tensor | None = None) -> None:
+        """One clipped-ratio micro-step at denoising step `step`."""
         record = {
-            "loss/policy": pl.loss.detach(),
+            "loss/policy": pl.loss,
             "loss/total": loss,
             "loss/clipfrac": pl.clipfrac,
             "loss/clipfrac_gt_one": pl.clipfrac_gt_one,
             "loss/clipfrac_lt_one": pl.clipfrac_lt_one,
             "loss/approx_kl": pl.approx_kl,
+            f"clipfrac_per_step/{step}": pl.clipfrac,
         }
         if kl is not None:
-            record["loss/kl"] = kl.detach().mean()
-        for k, v in record.items():
-            self.sums.setdefault(k, []).append(v.float())
-        self.sums.setdefault(f"clipfrac_per_step/{step}", []).append(pl.clipfrac.float())
-        self.ratios.setdefault(step, []).append(pl.ratio.float())
+            record["loss/kl"] = kl.mean()
+            record[f"kl_per_step/{step}"] = kl.mean()
+        self.add_scalars(record)
+        self.add_ratio("ratio", step, pl.ratio)
+        if raw_ratio is not None:
+            self.add_ratio("raw_ratio", step, raw_ratio)
 
     def reduce(self, dims) -> dict[str, float]:
         """Means of the scalars over micro-steps and ranks; ratio mean/std/min/max overall and per step."""
         names = sorted(self.sums)
         means = torch.stack([torch.stack(self.sums[k]).mean() for k in names])
-        ratios = {j: torch.cat(r) for j, r in sorted(self.ratios.items())}
-        all_ratios = torch.cat(list(ratios.values()))
         # Moments of (ratio - 1) in fp64, summed over ranks: the ratio sits within ~1e-4 of 1, where
         # E[r^2] - E[r]^2 in fp32 would be all rounding.
-        moments = torch.stack(
-            [torch.stack([d.sum(), d.square().sum(), torch.tensor(float(d.numel()), dtype=torch.float64, device=d.device)])
-             for d in (r.double() - 1 for r in [all_ratios, *ratios.values()])]
-        )
-        lo, hi = all_ratios.min().reshape(1), all_ratios.max().reshape(1)
+        prefixes, moments, extremes = [], [], []
+        for name, per_step in sorted(self.ratios.items()):
+            per_step = {j: torch.cat(r) for j, r in sorted(per_step.items())}
+            everything = torch.cat(list(per_step.values()))
+            for prefix, r in [(f"{name}/", everything), *((f"{name}_per_step/{j}_", r) for j, r in per_step.items())]:
+                d = r.double() - 1
+                prefixes.append(prefix)
+                moments.append(torch.stack([d.sum(), d.square().sum(), d.new_tensor(float(d.numel()))]))
+            extremes.append(torch.stack([-everything.min(), everything.max()]))
+        moments = torch.stack(moments) if moments else means.new_zeros(0, 3, dtype=torch.float64)
+        extremes = torch.stack(extremes) if extremes else means.new_zeros(0, 2)
         if dims.world_size > 1:
-            means, moments, lo, hi = (t.to(dims.device) for t in (means, moments, lo, hi))
+            means, moments, extremes = (t.to(dims.device) for t in (means, moments, extremes))
             dist.all_reduce(means)
             means /= dims.world_size
             dist.all_reduce(moments)
-            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
         out = dict(zip(names, means.tolist()))
-        prefixes = ["ratio/", *(f"ratio_per_step/{j}_" for j in ratios)]
         for prefix, (s, sq, n) in zip(prefixes, moments.tolist()):
             out[f"{prefix}mean"] = 1 + s / n
             out[f"{prefix}std"] = max(sq / n - (s / n) ** 2, 0.0) ** 0.5
-        out["ratio/min"], out["ratio/max"] = lo.item(), hi.item()
+        for name, (neg_lo, hi) in zip(sorted(self.ratios), extremes.tolist()):
+            out[f"{name}/min"], out[f"{name}/max"] = -neg_lo, hi
         return out

@@ -3,6 +3,12 @@
 rl/ sees a model family only through the Policy interface (DESIGN.md): `velocity`, `sigmas`,
 `initial_noise`, `encode`, `decode`. Training later calls the same `velocity` on the same batch
 layout, so an on-policy re-score reproduces the stored log-probs bit for bit.
+
+Flow-GRPO-Fast (flow_grpo_algorithm.md section 6): the SDE runs only inside a window of steps,
+the ODE elsewhere, and only the window is trained. The window is drawn once per sampling round from
+the run's seeded stream, the same on every rank, so all members of a group (one round's prompt,
+spread over ranks) share it; rounds of one epoch get different windows. The legacy variant
+(`sample_branched_trajectory`) also shares the ODE prefix of a group and branches at the window.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ class Trajectory:
     log_probs: torch.Tensor  # (B, T); NaN at deterministic (ODE) steps
     sigmas: torch.Tensor  # (T+1,) the schedule used
     noise_levels: list[float]  # (T,) noise level of each step (0 = ODE)
+    means: torch.Tensor | None = None  # (B, T, *latent_shape) step means at SDE steps (GRPO-Guard), else None
+    window: tuple[int, int] | None = None  # the Fast SDE window [lo, hi), None = SDE on every step
 
     @property
     def num_steps(self) -> int:
@@ -61,6 +69,29 @@ def prompt_seed(prompt: str, epoch: int, round_index: int) -> int:
     return (epoch * 10000 + round_index + digest) % (2**31)
 
 
+def _denoise(policy, model, cond, x, sigmas, noise_levels, steps, sde_type, guidance_scale, generator, progress,
+             latents, log_probs, means):
+    """Take `steps` from x, appending to `latents` and filling log_probs[:, i] / means[:, i] at SDE steps."""
+    batch = x.shape[0]
+    for i in steps:
+        level = noise_levels[i]
+        sigma, sigma_next = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
+        v = policy.velocity(model, x, sigma, cond, guidance_scale)
+        out = sde_step(
+            v, x, sigma, sigma_next, level, sde_type, generator=generator, sigma_fallback=sigmas[1],
+            return_mean=means is not None and level > 0,
+        )
+        x = out.prev_sample
+        latents.append(x)
+        if out.log_prob is not None:
+            log_probs[:, i] = out.log_prob
+            if means is not None:
+                means[:, i] = out.mean
+        if progress is not None:
+            progress.update(1)
+    return x
+
+
 @torch.no_grad()
 def sample_trajectory(
     policy,
@@ -73,23 +104,57 @@ def sample_trajectory(
     guidance_scale: float,
     generator: torch.Generator | None = None,
     progress=None,
+    return_means: bool = False,
+    window: tuple[int, int] | None = None,
 ) -> Trajectory:
+    """Sample every step from `initial_latents`; `return_means` also stores each SDE step's mean."""
     x = initial_latents.float()
-    batch = x.shape[0]
+    num_steps = len(noise_levels)
+    log_probs = torch.full((x.shape[0], num_steps), float("nan"), device=x.device)
+    means = x.new_zeros(x.shape[0], num_steps, *x.shape[1:]) if return_means else None
     latents = [x]
-    log_probs = torch.full((batch, len(noise_levels)), float("nan"), device=x.device)
-    sigma_fallback = sigmas[1]
-    for i, level in enumerate(noise_levels):
-        sigma = sigmas[i].expand(batch)
-        sigma_next = sigmas[i + 1].expand(batch)
-        v = policy.velocity(model, x, sigma, cond, guidance_scale)
-        out = sde_step(
-            v, x, sigma, sigma_next, level, sde_type, generator=generator, sigma_fallback=sigma_fallback
-        )
-        x = out.prev_sample
-        latents.append(x)
-        if out.log_prob is not None:
-            log_probs[:, i] = out.log_prob
-        if progress is not None:
-            progress.update(1)
-    return Trajectory(torch.stack(latents, dim=1), log_probs, sigmas, list(noise_levels))
+    _denoise(policy, model, cond, x, sigmas, noise_levels, range(num_steps), sde_type, guidance_scale, generator,
+             progress, latents, log_probs, means)
+    return Trajectory(torch.stack(latents, dim=1), log_probs, sigmas, list(noise_levels), means, window)
+
+
+@torch.no_grad()
+def sample_branched_trajectory(
+    policy,
+    model: torch.nn.Module,
+    cond: dict[str, torch.Tensor],
+    prefix_cond: dict[str, torch.Tensor],
+    prefix_latents: torch.Tensor,
+    member_of: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise_levels: list[float],
+    window: tuple[int, int],
+    sde_type: str,
+    guidance_scale: float,
+    generator: torch.Generator | None = None,
+    progress=None,
+    return_means: bool = False,
+) -> Trajectory:
+    """Legacy Flow-GRPO-Fast: one ODE prefix per distinct prompt, expanded to the group at the window start.
+
+    `prefix_cond` / `prefix_latents` hold the U distinct prompts of the batch and their initial noise;
+    `member_of` (B,) maps each sample to its prompt's row. Steps before the window run on the U rows
+    only; from the window on, the B samples take independent SDE steps, then the ODE to the end, on
+    the full batch (the layout training re-scores, so the ratio stays exactly 1 on-policy).
+    """
+    branch = window[0]
+    if any(level > 0 for level in noise_levels[:branch]):
+        raise ValueError(f"the steps before the branch step {branch} must be deterministic, got {noise_levels}")
+    num_steps = len(noise_levels)
+    x = prefix_latents.float()
+    prefix = [x]
+    nan = torch.full((x.shape[0], num_steps), float("nan"), device=x.device)
+    x = _denoise(policy, model, prefix_cond, x, sigmas, noise_levels, range(branch), sde_type, guidance_scale,
+                 generator, progress, prefix, nan, None)
+    batch = member_of.numel()
+    log_probs = torch.full((batch, num_steps), float("nan"), device=x.device)
+    means = x.new_zeros(batch, num_steps, *x.shape[1:]) if return_means else None
+    latents = [p[member_of] for p in prefix]
+    _denoise(policy, model, cond, latents[-1], sigmas, noise_levels, range(branch, num_steps), sde_type,
+             guidance_scale, generator, progress, latents, log_probs, means)
+    return Trajectory(torch.stack(latents, dim=1), log_probs, sigmas, list(noise_levels), means, window)

@@ -96,10 +96,15 @@ def apply_lora(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(module, rank, alpha, with_reference, generator))
-    model.requires_grad_(False)
-    for p in lora_parameters(model):
-        p.requires_grad_(True)
+    mark_only_lora_trainable(model)
     return [name for name, _ in targets]
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """Freeze the base model, train the adapters. Also valid after FSDP2's fully_shard (before the
+    first forward), for parallelize plans that set their own trainable set."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith((".lora_A", ".lora_B")))  # not the frozen ".ref_lora_*" slot
 
 
 def lora_layers(model: nn.Module) -> list[LoRALinear]:

@@ -1,0 +1,211 @@
+"""What every algorithm of the family shares: rollouts, rewards, group advantages, optimizer updates.
+
+One epoch = n_b sampling rounds (rewards of a round are scored in the background while the next one
+is sampled) -> rewards gathered over ranks -> per-group advantages -> `train` (the algorithm's own
+loss) -> optimizer steps every `gradient_accumulation_steps` training batches.
+
+State that must survive a resume (beyond model, optimizer and EMA): `global_step`, `window_rng`
+(the Fast window stream) and, for online DPO/SFT, `ref_synced_step` plus the reference weights (the
+LoRA reference slot is part of the model's state dict; a full-fine-tuning frozen copy is
+`frozen.frozen_copy`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from titan_flow.config import JobConfig
+from titan_flow.distributed.utils import ParallelDims, all_gather_object, all_gather_tensor, clip_grad_norm
+from titan_flow.rewards import masked_mean
+from titan_flow.rl.advantage import compute_advantages
+from titan_flow.rl.algorithms.reference import FrozenPolicies
+from titan_flow.rl.rollout import (
+    Trajectory,
+    draw_sde_window,
+    prompt_seed,
+    sample_branched_trajectory,
+    sample_trajectory,
+    step_noise_levels,
+)
+
+
+@dataclass
+class RolloutBatch:
+    prompts: list[str]
+    metadata: list[dict]
+    cond: dict
+    trajectory: Trajectory
+    images: torch.Tensor
+    pending_rewards: Future
+    rewards: dict[str, torch.Tensor] | None = None
+    advantages: torch.Tensor | None = None
+
+
+@dataclass
+class EpochResult:
+    scalars: dict[str, float] = field(default_factory=dict)
+    images: torch.Tensor | None = None
+    captions: list[str] = field(default_factory=list)
+    summary: str = ""  # one log line of the algorithm's headline numbers
+
+
+@dataclass
+class GroupAdvantages:
+    """The whole epoch's view after the all-gather, in rank order (what pairing across ranks needs)."""
+
+    advantages: torch.Tensor  # (W * N,) on CPU
+    prompts: list[str]
+
+
+class OnlineAlgorithm:
+    advantage_mode = "grpo"  # the tracker mode of rl/advantage.py
+    stores_means = False  # GRPO-Guard keeps every SDE step's mean
+
+    def __init__(self, cfg: JobConfig, dims: ParallelDims, policy, model, frozen: FrozenPolicies, optimizer, ema,
+                 reward_fn, dataset, sampler, noise_generator: torch.Generator):
+        self.cfg, self.dims = cfg, dims
+        self.policy, self.model, self.frozen = policy, model, frozen
+        self.optimizer, self.ema = optimizer, ema
+        self.reward_fn, self.dataset, self.sampler = reward_fn, dataset, sampler
+        self.noise_generator = noise_generator
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.global_step = 0  # optimizer updates so far
+        # Fast windows come from the run's seeded stream, identical on all ranks, so a group shares its window.
+        self.window_rng = random.Random(cfg.job.seed)
+        self.epoch_view: GroupAdvantages | None = None
+
+    # ------------------------------------------------------------------ rollout
+    def rollout_policy(self):
+        """Context manager yielding the module that samples this algorithm's rollouts."""
+        raise NotImplementedError
+
+    def _initial_latents(self, prompts: list[str], epoch: int, round_index: int) -> torch.Tensor:
+        if not (self.cfg.sampling.same_latent or self.cfg.sampling.branch_prefix):
+            return self.policy.initial_noise(len(prompts), self.noise_generator)
+        gens = [torch.Generator(device="cpu").manual_seed(prompt_seed(p, epoch, round_index)) for p in prompts]
+        return self.policy.initial_noise(len(prompts), gens)
+
+    def _sample(self, module, prompts: list[str], cond, epoch: int, round_index: int, sigmas, window, bar):
+        s = self.cfg.sampling
+        levels = step_noise_levels(s.num_steps, s.noise_level, window)
+        common = dict(generator=self.noise_generator, progress=bar, return_means=self.stores_means)
+        if not s.branch_prefix:
+            x0 = self._initial_latents(prompts, epoch, round_index)
+            return sample_trajectory(self.policy, module, cond, x0, sigmas, levels, s.sde_type, s.guidance_scale,
+                                     window=window, **common)
+        distinct = list(dict.fromkeys(prompts))
+        member_of = torch.tensor([distinct.index(p) for p in prompts], device=self.dims.device)
+        with torch.no_grad():
+            prefix_cond = self.policy.encode(distinct, model=self.model)
+        x0 = self._initial_latents(distinct, epoch, round_index)
+        return sample_branched_trajectory(self.policy, module, cond, prefix_cond, x0, member_of, sigmas, levels,
+                                          window, s.sde_type, s.guidance_scale, **common)
+
+    def collect(self, epoch: int) -> list[RolloutBatch]:
+        s = self.cfg.sampling
+        sigmas = self.policy.sigmas(s.num_steps)
+        self.model.eval()
+        batches = []
+        bar = tqdm(total=s.num_batches_per_epoch * s.num_steps, desc=f"epoch {epoch} rollout",
+                   disable=not self.dims.is_main, leave=False)
+        with self.rollout_policy() as module:
+            for r in range(s.num_batches_per_epoch):
+                window = draw_sde_window(self.window_rng, s.num_steps, s.sde_window_size, tuple(s.sde_window_range))
+                items = [self.dataset[i] for i in next(self.sampler)]
+                prompts = [p for p, _ in items]
+                metadata = [m for _, m in items]
+                with torch.no_grad():
+                    cond = self.policy.encode(prompts, model=self.model)
+                traj = self._sample(module, prompts, cond, epoch, r, sigmas, window, bar)
+                with torch.no_grad():
+                    images = self.policy.decode(traj.latents[:, -1])
+                pending = self.reward_fn.submit(images, prompts, metadata)
+                batches.append(RolloutBatch(prompts, metadata, cond, traj, images, pending))
+        bar.close()
+        for b in batches:
+            b.rewards = {k: v.to(self.dims.device) for k, v in b.pending_rewards.result().items()}
+        return batches
+
+    def assign_advantages(self, batches: list[RolloutBatch]) -> dict[str, float]:
+        """Gather every rank's rewards and prompts, form per-group advantages, keep this rank's slice."""
+        rl = self.cfg.rl
+        scalars = {}
+        gathered = {}
+        for key in batches[0].rewards:
+            gathered[key] = all_gather_tensor(torch.cat([b.rewards[key].float() for b in batches]))
+            scalars[f"reward/{key}_mean"] = masked_mean(gathered[key])  # GenEval's per-task keys hold -10 entries
+        for key in ["avg", *self.cfg.reward.fns]:
+            scalars[f"reward/{key}_std"] = gathered[key].std(unbiased=False).item()
+        mine = [p for b in batches for p in b.prompts]
+        all_prompts = [p for rank_prompts in all_gather_object(mine) for p in rank_prompts]
+        adv, stats = compute_advantages(
+            gathered["avg"].cpu(), all_prompts, rl.global_std, rl.per_prompt_stat_tracking, self.advantage_mode
+        )
+        self.epoch_view = GroupAdvantages(adv, all_prompts)
+        local = adv.view(self.dims.world_size, -1)[self.dims.rank].to(self.dims.device)
+        for b, chunk in zip(batches, local.split([len(b.prompts) for b in batches])):
+            b.advantages = chunk
+        scalars.update({f"advantage/{k}": float(v) for k, v in stats.items()})
+        return scalars
+
+    # ------------------------------------------------------------------ training
+    def optimizer_step(self) -> torch.Tensor:
+        grad_norm = clip_grad_norm(self.trainable, self.cfg.optimizer.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if self.ema is not None:
+            self.ema.step(self.global_step)
+        return grad_norm
+
+    def train(self, batches: list[RolloutBatch], epoch: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def summary(self, scalars: dict[str, float]) -> str:
+        return f"reward {scalars['reward/avg_mean']:.4f}  loss {scalars.get('loss/total', float('nan')):.4g}"
+
+    def optim_scalars(self, grad_norms: list[torch.Tensor]) -> dict[str, float]:
+        return {
+            "optim/grad_norm": torch.stack(grad_norms).float().mean().item() if grad_norms else float("nan"),
+            "optim/lr": self.optimizer.param_groups[0]["lr"],
+            "optim/global_step": self.global_step,
+        }
+
+    def before_epoch(self, epoch: int) -> None:
+        """Hook run before the rollouts (online variants refresh their reference here)."""
+
+    def run_epoch(self, epoch: int) -> EpochResult:
+        t0 = time.perf_counter()
+        self.before_epoch(epoch)
+        batches = self.collect(epoch)
+        t_rollout = time.perf_counter() - t0
+        scalars = self.assign_advantages(batches)
+        t1 = time.perf_counter()
+        scalars.update(self.train(batches, epoch))
+        t_train = time.perf_counter() - t1
+        n_images = sum(len(b.prompts) for b in batches) * self.dims.world_size
+        scalars["perf/rollout_images_per_s"] = n_images / t_rollout
+        scalars["perf/images_per_s"] = n_images / (time.perf_counter() - t0)
+        scalars["perf/rollout_s"] = t_rollout
+        scalars["perf/train_s"] = t_train
+        scalars["perf/step_s"] = time.perf_counter() - t0
+        windows = [b.trajectory.window for b in batches if b.trajectory.window is not None]
+        if windows:
+            scalars["sampling/window_start"] = sum(w[0] for w in windows) / len(windows)
+            for r, w in enumerate(windows):
+                scalars[f"sampling/window_start_round/{r}"] = w[0]
+        n_img = self.cfg.metrics.num_log_images
+        avg = torch.cat([b.rewards["avg"] for b in batches])[:n_img]
+        prompts = [p for b in batches for p in b.prompts][:n_img]
+        return EpochResult(
+            scalars,
+            torch.cat([b.images for b in batches])[:n_img].float().cpu(),
+            [f"{p} | {r:.3f}" for p, r in zip(prompts, avg.tolist())],
+            self.summary(scalars),
+        )
