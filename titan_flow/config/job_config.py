@@ -1,7 +1,9 @@
 """The job configuration: one dataclass per TOML section, every field typed and defaulted.
 
-Allowed values for string fields are declared next to the field with `choices(...)`, so
-validation and the error messages come from the same place as the definition.
+The defaults are the embedded debug job (a tiny random-init SD3 on the CPU, JPEG reward, on-policy
+updates); the recipes in train_configs/ set the reference's values for real models. Allowed values
+for string fields are declared next to the field with `choices(...)`, so validation and the error
+messages come from the same place as the definition.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def doc(default, help: str, **kw):
 @dataclass
 class Job:
     config_file: str = doc("", "TOML file this job was loaded from")
-    run_name: str = doc("debug", "name of the run; outputs go to <output_dir>/<run_name>")
+    run_name: str = doc("debug_cpu", "name of the run; outputs go to <output_dir>/<run_name>")
     output_dir: str = doc("outputs", "root folder for all runs")
     seed: int = doc(42, "global seed; each rank derives its own streams from it")
     description: str = doc("", "free text shown in the logs")
@@ -38,8 +40,8 @@ class Model:
     compute_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the forward pass (FSDP mixed-precision param dtype)")
     encoder_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of frozen text encoders")
     vae_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the frozen VAE")
-    resolution: int = doc(512, "image height and width in pixels")
-    max_sequence_length: int = doc(128, "T5/LLM text tokens (the reference uses 128 for SD3 training)")
+    resolution: int = doc(64, "image height and width in pixels")
+    max_sequence_length: int = doc(16, "T5/LLM text tokens (the reference uses 128 for SD3 training)")
     trainable: str = choices(
         "all", "all", "gen_expert",
         help="which weights train: all, or only Bagel's generation expert (its MoT gen weights, as the reference)",
@@ -48,15 +50,15 @@ class Model:
 
 @dataclass
 class Sampling:
-    num_steps: int = doc(10, "denoising steps during rollout")
+    num_steps: int = doc(8, "denoising steps during rollout")
     guidance_scale: float = doc(4.5, "CFG scale during rollout (<= 1 disables CFG)")
-    noise_level: float = doc(0.7, "SDE noise level a")
+    noise_level: float = doc(1.0, "SDE noise level a")
     sde_type: str = choices("sde", "sde", "cps", help="stochastic step used inside the SDE window")
     negative_prompt: str = doc("", "prompt of the unconditional CFG branch")
-    num_image_per_prompt: int = doc(24, "group size G")
-    batch_size: int = doc(9, "prompts (with repeats) per rank per sampling round (B)")
-    num_batches_per_epoch: int = doc(4, "sampling rounds per epoch (n_b)")
-    same_latent: bool = doc(False, "all members of a group start from the same initial noise")
+    num_image_per_prompt: int = doc(8, "group size G")
+    batch_size: int = doc(8, "prompts (with repeats) per rank per sampling round (B)")
+    num_batches_per_epoch: int = doc(1, "sampling rounds per epoch (n_b)")
+    same_latent: bool = doc(True, "all members of a group start from the same initial noise")
     sde_window_size: int = doc(0, "Flow-GRPO-Fast: number of SDE steps (0 = SDE on every step)")
     sde_window_range: list = doc(lambda: [0, 10], "Flow-GRPO-Fast: [lo, hi) range the window is placed in")
     branch_prefix: bool = doc(
@@ -116,7 +118,7 @@ class Lora:
 @dataclass
 class Optimizer:
     name: str = choices("adamw", "adamw", help="optimizer")
-    lr: float = doc(3e-4, "learning rate (constant, as the reference)")
+    lr: float = doc(5e-3, "learning rate (constant, as the reference; its recipes use 3e-4 or 1e-4)")
     beta1: float = doc(0.9, "AdamW beta1")
     beta2: float = doc(0.999, "AdamW beta2")
     weight_decay: float = doc(1e-4, "AdamW weight decay")
@@ -127,7 +129,7 @@ class Optimizer:
 @dataclass
 class Training:
     steps: int = doc(100, "RL epochs to run (one epoch = rollout of n_b batches + its optimizer updates)")
-    gradient_accumulation_steps: int = doc(2, "training batches per optimizer update")
+    gradient_accumulation_steps: int = doc(1, "training batches per optimizer update")
     ema: bool = doc(True, "keep an EMA of the trained weights (used for eval and export)")
     ema_update_interval: int = doc(8, "EMA is updated every this many optimizer steps (reference: 8)")
     ema_max_decay: float = doc(0.9, "EMA decay is min((1+k)/(10+k), ema_max_decay)")
@@ -162,9 +164,9 @@ class Compile:
 
 @dataclass
 class Checkpoint:
-    enable: bool = doc(False, "save DCP checkpoints")
+    enable: bool = doc(True, "save DCP checkpoints (and resume from the newest complete one)")
     folder: str = doc("checkpoint", "subfolder of the run directory")
-    interval: int = doc(10, "save every this many epochs")
+    interval: int = doc(25, "save every this many epochs")
     keep_latest_k: int = doc(3, "keep only the newest k checkpoints (0 = keep all)")
     async_mode: str = choices("disabled", "disabled", "async")
     load_step: int = doc(-1, "resume from this step (-1 = the latest complete checkpoint)")
@@ -208,10 +210,10 @@ class Data:
 
 @dataclass
 class Eval:
-    freq: int = doc(0, "evaluate every this many epochs (0 = never)")
-    num_steps: int = doc(40, "ODE steps during eval")
+    freq: int = doc(25, "evaluate every this many epochs (0 = never)")
+    num_steps: int = doc(16, "ODE steps during eval (the reference: 40 for SD3)")
     guidance_scale: float = doc(4.5, "CFG scale during eval")
-    batch_size: int = doc(16, "prompts per rank per eval batch")
+    batch_size: int = doc(8, "prompts per rank per eval batch")
     max_prompts: int = doc(0, "evaluate on at most this many test prompts (0 = all)")
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 
 from titan_flow.config import ConfigError, JobConfig
 
@@ -134,6 +135,17 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Drop the gathered full weights FSDP2 keeps after a no-grad forward (reshard_after_forward=False).
+
+    Call before writing parameters in place outside the optimizer (swapping EMA weights in or out):
+    a later forward would otherwise reuse the stale gathered copy instead of the new shards.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

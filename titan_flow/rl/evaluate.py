@@ -12,7 +12,7 @@ import contextlib
 import torch
 from tqdm import tqdm
 
-from titan_flow.distributed.utils import all_gather_tensor
+from titan_flow.distributed.utils import all_gather_tensor, reshard
 from titan_flow.rewards import geneval_breakdown, reward_means
 from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
 
@@ -31,6 +31,7 @@ def evaluate(cfg, dims, policy, model, ema, reward_fn, dataset):
     scores: dict[str, list[torch.Tensor]] = {}
     images, captions = [], []
     swap = ema.swapped_in() if ema is not None else contextlib.nullcontext()
+    reshard(model)
     with swap:
         for start in tqdm(range(0, per_rank, e.batch_size), desc="eval", disable=not dims.is_main, leave=False):
             index = mine[start : start + e.batch_size]
@@ -46,6 +47,7 @@ def evaluate(cfg, dims, policy, model, ema, reward_fn, dataset):
             if len(images) < cfg.metrics.num_log_images:
                 images.append(imgs.float().cpu())
                 captions += [f"{p} | {r:.3f}" for p, r in zip(prompts, rewards["avg"].tolist())]
+        reshard(model)  # before the trained weights are written back
     valid = all_gather_tensor(torch.tensor([i < n_total for i in mine], device=dims.device))
     gathered = {k: all_gather_tensor(torch.cat(parts))[valid] for k, parts in scores.items()}
     scalars = {"eval/num_prompts": float(n_total)}
