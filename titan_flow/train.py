@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 import kernels
 
 from titan_flow.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
+from titan_flow.checkpoint.pretrained import load_full_into_shards
 from titan_flow.config import JobConfig, build_job_config, to_dict
 from titan_flow.data.prompts import load_prompt_dataset
 from titan_flow.data.sampler import KRepeatSampler
@@ -57,7 +58,17 @@ def build_model(cfg: JobConfig, dims: ParallelDims, trainable: bool) -> torch.nn
     """Load (or random-init, identically on every rank) the backbone, then shard it with FSDP2."""
     spec = get_model_spec(cfg.model.name)
     dtype = DTYPES[cfg.model.dtype]
-    if cfg.model.pretrained_path:
+    if cfg.model.pretrained_path and not (trainable and cfg.lora.enable):
+        # Built and sharded on the meta device; each rank then reads only its shards of the weights.
+        args, weights = spec.load_checkpoint(cfg.model.pretrained_path)
+        with torch.device("meta"):
+            model = spec.model_cls(args).to(dtype)
+        model.requires_grad_(trainable)
+        model = spec.parallelize(model, dims, cfg, trainable=trainable)
+        model.to_empty(device="cpu" if cfg.parallelism.fsdp_cpu_offload else dims.device)
+        load_full_into_shards(model, weights, source=f"model.pretrained_path {cfg.model.pretrained_path}")
+        return model
+    if cfg.model.pretrained_path:  # LoRA draws its adapters on real weights, so they are loaded first
         model = spec.from_pretrained(cfg.model.pretrained_path, dtype=dtype, device=dims.device)
     else:
         torch.manual_seed(cfg.job.seed)  # the same random init on every rank

@@ -146,7 +146,20 @@ class Training:
 class Parallelism:
     data_parallel_shard_degree: int = doc(-1, "FSDP shard degree (-1 = all ranks not used by replicate)")
     data_parallel_replicate_degree: int = doc(1, "HSDP replicate degree")
-    fsdp_reshard_after_forward: str = choices("default", "default", "always", "never")
+    fsdp_reshard_after_forward: str = choices(
+        "default", "default", "always", "never",
+        help="free gathered weights after forward: default = every block but the last (needed again by backward) "
+        "and not the root; always = lowest memory; never = no re-gather in backward (ZeRO-2 like)",
+    )
+    mixed_precision_reduce: str = choices(
+        "float32", "float32", "bfloat16", help="dtype of the gradient reduce-scatter (params use model.compute_dtype)"
+    )
+    fsdp_cpu_offload: bool = doc(False, "keep sharded params, grads and optimizer state in CPU memory (CUDA only)")
+    reference_placement: str = choices(
+        "shard", "shard", "replicate",
+        help="frozen reference policy (rl.beta > 0): shard it with FSDP2 like the policy, or keep a full copy in "
+        "model.compute_dtype on every rank (no all-gathers in its forward, more memory)",
+    )
     backend: str = choices("auto", "auto", "nccl", "gloo", help="auto = nccl on CUDA, gloo on CPU")
     timeout_seconds: int = doc(600, "collective timeout; a hung rank fails the job after this")
 

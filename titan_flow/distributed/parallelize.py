@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-from titan_flow.config import JobConfig
+from titan_flow.config import ConfigError, JobConfig
 from titan_flow.distributed.utils import ParallelDims
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,7 +65,17 @@ def apply_fsdp(
 def parallelize_blocks(
     model: nn.Module, block_lists: list[nn.ModuleList], dims: ParallelDims, cfg: JobConfig, trainable: bool
 ) -> nn.Module:
-    """The TorchTitan order: AC (trained models only) -> compile -> fully_shard per block -> root."""
+    """The TorchTitan order: AC (trained models only) -> compile -> fully_shard per block -> root.
+
+    A frozen model (the reference policy) with `parallelism.reference_placement = "replicate"` is
+    not sharded: every rank keeps it whole in the compute dtype.
+    """
+    p = cfg.parallelism
+    if p.fsdp_cpu_offload and dims.device.type != "cuda":
+        raise ConfigError(
+            f"parallelism.fsdp_cpu_offload moves FSDP2 shards between CPU and GPU memory; on {dims.device.type} "
+            "there is nothing to offload to, set it to false"
+        )
     for blocks in block_lists:
         if trainable:
             apply_activation_checkpointing(
@@ -73,11 +83,15 @@ def parallelize_blocks(
             )
         if cfg.compile.enable:
             apply_compile(blocks)
+    if not trainable and p.reference_placement == "replicate":
+        return model.to(DTYPES[cfg.model.compute_dtype])
     apply_fsdp(
         model,
         block_lists,
         dims,
         param_dtype=DTYPES[cfg.model.compute_dtype],
-        reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
+        reduce_dtype=DTYPES[p.mixed_precision_reduce],
+        reshard_after_forward=p.fsdp_reshard_after_forward,
+        cpu_offload=p.fsdp_cpu_offload,
     )
     return model

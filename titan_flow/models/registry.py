@@ -42,6 +42,9 @@ class ModelSpec:
     pipeline_cls: type
     parallelize: Callable[..., nn.Module]  # (model, dims, cfg, trainable) -> model
     pipeline_options: Callable[[Any], dict] = lambda cfg: {}  # JobConfig -> family-specific load() keywords
+    # (path, device) -> (args, our state dict) without building the model; on the CPU the tensors are
+    # safetensors' memory maps, so a rank that copies only its shard reads only that shard's bytes.
+    load_checkpoint_fn: Callable[..., tuple[Any, dict]] | None = None
 
     def args(self, flavor: str):
         if flavor not in self.flavors:
@@ -60,6 +63,12 @@ class ModelSpec:
 
     def from_pretrained(self, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         return self.from_pretrained_fn(path, dtype=dtype, device=device)
+
+    def load_checkpoint(self, path: str | Path) -> tuple[Any, dict]:
+        """(args, our state dict) of a pretrained checkpoint, tensors memory-mapped on the CPU."""
+        if self.load_checkpoint_fn is None:
+            raise NotImplementedError(f"the {self.name} family does not provide load_checkpoint_fn in its ModelSpec")
+        return self.load_checkpoint_fn(path, device="cpu")
 
 
 def get_model_spec(name: str) -> ModelSpec:

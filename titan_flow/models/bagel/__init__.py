@@ -4,7 +4,7 @@ from titan_flow.models.bagel.args import FLAVORS, BagelArgs, VitArgs
 from titan_flow.models.bagel.model import Bagel
 from titan_flow.models.bagel.parallelize import parallelize_bagel
 from titan_flow.models.bagel.pipeline import BagelPipeline
-from titan_flow.models.bagel.state_dict_adapter import from_bagel, from_pretrained, to_bagel
+from titan_flow.models.bagel.state_dict_adapter import from_bagel, from_pretrained, load_checkpoint, to_bagel
 from titan_flow.models.registry import ModelSpec
 
 SPEC = ModelSpec(
@@ -16,6 +16,7 @@ SPEC = ModelSpec(
     from_diffusers=from_bagel,
     pipeline_cls=BagelPipeline,
     parallelize=parallelize_bagel,
+    load_checkpoint_fn=load_checkpoint,
     pipeline_options=lambda cfg: dict(
         image_guidance_scale=cfg.sampling.image_guidance_scale,
         cfg_interval=tuple(cfg.sampling.cfg_interval),

@@ -5,7 +5,7 @@ from titan_flow.models.sd3.args import FLAVORS, SD3Args
 from titan_flow.models.sd3.model import SD3Transformer
 from titan_flow.models.sd3.parallelize import parallelize_sd3
 from titan_flow.models.sd3.pipeline import SD3Pipeline
-from titan_flow.models.sd3.state_dict_adapter import from_diffusers, from_pretrained, to_diffusers
+from titan_flow.models.sd3.state_dict_adapter import from_diffusers, from_pretrained, load_checkpoint, to_diffusers
 
 SPEC = ModelSpec(
     name="sd3",
@@ -16,6 +16,7 @@ SPEC = ModelSpec(
     from_diffusers=from_diffusers,
     pipeline_cls=SD3Pipeline,
     parallelize=parallelize_sd3,
+    load_checkpoint_fn=load_checkpoint,
 )
 
 __all__ = ["FLAVORS", "SPEC", "SD3Args", "SD3Transformer"]

@@ -1,0 +1,253 @@
+"""FSDP2 data parallelism: 1, 2 and 4 processes give the same loss, gradients and updated weights.
+
+The script below runs under torchrun (gloo, CPU). Every rank samples the same 8 trajectories of the
+tiny random SD3 policy (the full global batch, so rollouts are identical at every world size), keeps
+its 8 / W of them with fixed advantages, and takes one Flow-GRPO step: the clipped-ratio loss of
+every denoising step, backward through the FSDP2 model (gradients reduce-scattered and averaged),
+global grad-norm clip, AdamW. Rank 0 writes the loss, the gathered gradients and the updated weights
+of each configuration (activation checkpointing, HSDP, bf16, compile) for the test to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH = 8
+LR = 1e-3
+# Updated weights agree to 1% of one AdamW step. Adam divides by |g| + eps, so near-zero gradient
+# entries turn 1e-11 gradient rounding into ~1e-6 weight differences; a real error moves ~lr.
+STEP_TOL = 0.01 * LR
+
+SCRIPT = r"""
+import json, sys
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import kernels
+from titan_flow.config import build_job_config
+from titan_flow.distributed.utils import all_reduce_mean, clip_grad_norm, destroy_distributed, init_distributed
+from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
+from titan_flow.rl.sde import sde_step
+from titan_flow.train import build_model, build_policy
+
+out_file, variants = sys.argv[1], json.loads(sys.argv[2])
+BASE = ["--model.resolution", "64", "--model.max_sequence_length", "16", "--sampling.num_steps", "4",
+        "--training.kernel_backend", "torch", "--sampling.noise_level", "1.0"]
+N = %(batch)d
+cfg = build_job_config(BASE)
+dims = init_distributed(cfg)
+policy = build_policy(cfg, dims.device)
+prompts = [f"a photo of {n} cats" for n in range(N)]
+with torch.no_grad():
+    cond = policy.encode(prompts)
+T, guidance = cfg.sampling.num_steps, cfg.sampling.guidance_scale
+sigmas, levels = policy.sigmas(T), step_noise_levels(T, cfg.sampling.noise_level, None)
+advantages = torch.randn(N, generator=torch.Generator().manual_seed(3))
+n = N // dims.world_size
+mine = slice(dims.rank * n, (dims.rank + 1) * n)
+my_cond = {k: v[mine] for k, v in cond.items()}
+# Uneven shards (7 and 3 rows over 2 or 4 ranks, some chunks empty) load to exactly the full tensors.
+from torch.distributed.fsdp import fully_shard
+from titan_flow.checkpoint.pretrained import load_full_into_shards
+full = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+        for i, (k, v) in enumerate(torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)).state_dict().items())}
+with torch.device("meta"):
+    small = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+fully_shard(small, mesh=dims.fsdp_mesh)
+small.to_empty(device=dims.device)
+load_full_into_shards(small, full)
+uneven_ok = all(torch.equal(v.full_tensor(), full[k]) for k, v in small.state_dict().items())
+results = {"uneven_shards_ok": uneven_ok}
+for name, overrides in variants.items():
+    cfg = build_job_config(BASE + overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg, dims, trainable=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=%(lr)g, weight_decay=1e-4)
+    model.eval()
+    with torch.no_grad():
+        x0 = policy.initial_noise(N, torch.Generator().manual_seed(1))
+        traj = sample_trajectory(policy, model, cond, x0, sigmas, levels, "sde", guidance,
+                                 generator=torch.Generator().manual_seed(2))
+    model.train()
+    losses = []
+    for j in range(T):
+        x = traj.latents[mine, j]
+        v = policy.velocity(model, x, sigmas[j].expand(n), my_cond, guidance)
+        out = sde_step(v, x, sigmas[j].expand(n), sigmas[j + 1].expand(n), levels[j], "sde",
+                       prev_sample=traj.latents[mine, j + 1], sigma_fallback=sigmas[1])
+        pl = kernels.clipped_ratio_loss(out.log_prob, traj.log_probs[mine, j], advantages[mine], 0.2, 0.2, 5.0)
+        (pl.loss / T).backward()
+        losses.append(pl.loss.detach())
+    grads = {k.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor() if hasattr(p.grad, "full_tensor")
+             else p.grad for k, p in model.named_parameters() if p.grad is not None}
+    grad_norm = clip_grad_norm(params, 1.0)
+    optimizer.step()
+    loss = all_reduce_mean(torch.stack(losses).mean())
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dims.rank == 0:
+        results[name] = {"loss": loss.item(), "grad_norm": grad_norm.item(), "latents": traj.latents,
+                         "grads": {k: g.detach().float().cpu() for k, g in grads.items()},
+                         "state": {k: v.float() for k, v in state.items()}}
+if dims.rank == 0:
+    torch.save(results, out_file)
+destroy_distributed()
+""" % {"batch": GLOBAL_BATCH, "lr": LR}
+
+AC_FULL = ["--activation_checkpoint.mode", "full"]
+AC_SELECTIVE = ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_every_n_blocks", "2"]
+BF16 = ["--model.compute_dtype", "bfloat16"]
+HSDP = ["--parallelism.data_parallel_replicate_degree", "2"]
+VARIANTS = {
+    1: {"base": [], "ac_full": AC_FULL, "ac_selective": AC_SELECTIVE, "bf16": BF16},
+    2: {"base": [], "ac_full": AC_FULL, "ac_selective": AC_SELECTIVE, "bf16": BF16, "hsdp_2x1": HSDP,
+        "bf16_reduce": [*BF16, "--parallelism.mixed_precision_reduce", "bfloat16"]},
+    4: {"base": [], "ac_full": AC_FULL, "hsdp_2x2": HSDP},
+}
+
+
+def run_world(nproc: int, variants: dict, out_dir: Path) -> dict:
+    script = out_dir / "one_step.py"
+    script.write_text(SCRIPT)
+    out_file = out_dir / f"ws{nproc}_{'_'.join(variants)}.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(script), str(out_file), json.dumps(variants)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return torch.load(out_file, weights_only=False)
+
+
+def write_random_init_checkpoint(out_dir: Path) -> Path:
+    """The trainer's random init (debug flavor, job seed) saved as a diffusers transformer directory."""
+    from titan_flow.config import JobConfig
+    from titan_flow.models import get_model_spec
+    from titan_flow.models.sd3.state_dict_adapter import save_diffusers
+
+    spec = get_model_spec("sd3")
+    torch.manual_seed(JobConfig().job.seed)
+    model = spec.build("debug")
+    return save_diffusers(model, spec.args("debug"), out_dir / "transformer")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel")
+    pretrained = ["--model.pretrained_path", str(write_random_init_checkpoint(out))]
+    extra = {1: {"pretrained": pretrained}, 2: {"pretrained": pretrained, "pretrained_hsdp": [*pretrained, *HSDP]}}
+    return {w: run_world(w, VARIANTS[w] | extra[w], out) for w in (1, 2)}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_equivalent(a: dict, b: dict, loss_rtol: float, grad_rtol: float, weight_atol: float | None, label: str):
+    """Same loss, same gradients (relative to the largest gradient entry), same updated weights.
+
+    `weight_atol=None` skips the weights: AdamW's first step is about lr * sign(g), so where bf16
+    rounding flips the sign of a near-zero gradient the weight moves by up to 2 lr either way.
+    """
+    assert abs(a["loss"] - b["loss"]) <= loss_rtol * abs(a["loss"]), f"{label}: loss {a['loss']} vs {b['loss']}"
+    assert abs(a["grad_norm"] - b["grad_norm"]) <= grad_rtol * a["grad_norm"], label
+    scale = max(g.abs().max().item() for g in a["grads"].values())
+    grad_diff = max_diff(a["grads"], b["grads"])
+    weight_diff = max_diff(a["state"], b["state"])
+    print(f"{label}: loss {a['loss']:.6g} vs {b['loss']:.6g}, max grad diff {grad_diff:.3g} (max grad {scale:.3g}), "
+          f"max weight diff {weight_diff:.3g}")
+    assert grad_diff <= grad_rtol * scale, label
+    assert weight_atol is None or weight_diff <= weight_atol, label
+
+
+def test_one_step_takes_a_real_update(results):
+    """Guards the comparisons below against a vacuous step: non-zero loss, gradients everywhere, moved weights."""
+    r = results[1]["base"]
+    assert r["loss"] != 0 and r["grad_norm"] > 0
+    zero = {k for k, g in r["grads"].items() if g.abs().max() == 0}
+    # Only the last block's context queries get no gradient: that block discards its context output.
+    last = max(int(k.split(".")[1]) for k in r["grads"] if k.startswith("transformer_blocks."))
+    assert zero == {f"transformer_blocks.{last}.attn.{name}" for name in
+                    ("add_q_proj.weight", "add_q_proj.bias", "norm_added_q.weight")}
+    assert len(r["grads"]) == len([k for k in r["state"] if not k.endswith("pos_embed")])
+
+
+@pytest.mark.parametrize("variant", ["base", "ac_full", "bf16"])
+def test_two_processes_match_one(results, variant):
+    one, two = results[1][variant], results[2][variant]
+    assert torch.equal(one["latents"], two["latents"])  # the same rollouts at both world sizes
+    if variant == "bf16":  # bf16 forward on per-rank micro-batches: bf16 rounding, not fp32
+        assert_equivalent(one, two, 1e-3, 1e-2, None, "bf16 1 vs 2 procs")
+    else:
+        assert_equivalent(one, two, 1e-5, 1e-5, STEP_TOL, f"{variant} 1 vs 2 procs")
+
+
+def test_hsdp_matches_one_process(results):
+    assert_equivalent(results[1]["base"], results[2]["hsdp_2x1"], 1e-5, 1e-5, STEP_TOL, "HSDP 2x1 vs 1 proc")
+
+
+def test_bf16_reduce_matches_fp32_reduce(results):
+    assert_equivalent(results[2]["bf16"], results[2]["bf16_reduce"], 0, 1e-2, None, "bf16 vs fp32 reduce")
+
+
+def assert_bitwise(a: dict, b: dict) -> None:
+    assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    assert all(torch.equal(a["grads"][k], b["grads"][k]) for k in a["grads"])
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("mode", ["ac_full", "ac_selective"])
+def test_activation_checkpointing_is_bitwise(results, world, mode):
+    assert_bitwise(results[world]["base"], results[world][mode])
+
+
+@pytest.mark.parametrize(("world", "variant"), [(1, "pretrained"), (2, "pretrained"), (2, "pretrained_hsdp")])
+def test_meta_build_with_sharded_load_is_bitwise(results, world, variant):
+    """The same weights built on meta and loaded shard by shard from safetensors (each rank reading
+    only its rows) train exactly like the random init they were saved from."""
+    same_mesh = {"pretrained": "base", "pretrained_hsdp": "hsdp_2x1"}[variant]
+    assert_bitwise(results[world][same_mesh], results[world][variant])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_uneven_shards_load_exactly(results, world):
+    assert results[world]["uneven_shards_ok"] is True
+
+
+def test_load_into_shards_names_what_does_not_fit(tmp_path):
+    from titan_flow.checkpoint.pretrained import load_full_into_shards
+
+    model = torch.nn.Linear(4, 3)
+    good = {"weight": torch.ones(3, 4), "bias": torch.zeros(3)}
+    load_full_into_shards(model, good)
+    assert torch.equal(model.weight, torch.ones(3, 4))
+    bad = {"weight": torch.ones(3, 5), "extra": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"ckpt does not fit the model: missing keys: bias; unexpected keys: extra; "
+                                         r"wrong shapes: weight \(3, 5\) \(model: \(3, 4\)\)"):
+        load_full_into_shards(model, bad, source="ckpt")
+
+
+@pytest.mark.slow
+def test_four_processes_match_one(results, tmp_path):
+    four = run_world(4, VARIANTS[4], tmp_path)
+    one = results[1]["base"]
+    assert torch.equal(one["latents"], four["base"]["latents"])
+    assert_equivalent(one, four["base"], 1e-5, 1e-5, STEP_TOL, "1 vs 4 procs")
+    assert_equivalent(one, four["hsdp_2x2"], 1e-5, 1e-5, STEP_TOL, "1 vs HSDP 2x2")
+    assert all(torch.equal(four["base"]["state"][k], four["ac_full"]["state"][k]) for k in one["state"])
+    assert four["uneven_shards_ok"] is True
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(tmp_path):
+    """torch.compile per block (Inductor C++ on CPU): the same step within float tolerance."""
+    r = run_world(2, {"base": [], "compile": ["--compile.enable", "true"]}, tmp_path)
+    assert_equivalent(r["base"], r["compile"], 1e-4, 1e-4, STEP_TOL, "compile vs eager, 2 procs")
