@@ -140,8 +140,8 @@ def active_adapter(model: nn.Module, adapter: str | None) -> Iterator[nn.Module]
 
 @torch.no_grad()
 def sync_reference_adapter(model: nn.Module) -> None:
-    """Reference slot <- current adapter. Works shard by shard on FSDP2 DTensors (same layouts);
-    under FSDP2 reshard the model afterwards so no unsharded copy keeps the old values."""
+    """Reference slot <- current adapter. Works shard by shard on FSDP2 DTensors (same layouts); under
+    FSDP2 call it on a resharded model (an unsharded module exposes its gathered copies instead)."""
     for m in lora_layers(model):
         if m.ref_lora_A is None:
             raise ValueError("this model's LoRA has no reference slot; apply_lora(..., with_reference=True)")

@@ -25,8 +25,7 @@ from titan_flow.models.common.lora import active_adapter, has_lora, sync_referen
 
 def reshard(model: nn.Module) -> None:
     """Drop every unsharded FSDP2 parameter copy. FSDP2 keeps the root (and the last block) unsharded
-    after a forward, so weights changed in place under it would otherwise not be seen until the next
-    backward."""
+    after a no-grad forward, and reads the sharded weights again only at its next all-gather."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
@@ -68,13 +67,16 @@ class FrozenPolicies:
         """Reference <- the trained policy (online variants), shard by shard on every rank."""
         if not self.online:
             raise RuntimeError("sync() is for online algorithms; the offline reference is the initial model")
+        # Sharded state first: an unsharded FSDP2 module exposes its gathered copies as parameters,
+        # and writes to those would be dropped at the next reshard.
+        modules = [self.model] if self.lora else [self.model, self.frozen_copy]
+        for module in modules:
+            reshard(module)
         if self.lora:
             sync_reference_adapter(self.model)
-            reshard(self.model)
             return
         for ref, param in zip(self.frozen_copy.parameters(), self.model.parameters(), strict=True):
             if isinstance(param, DTensor) and not isinstance(ref, DTensor):  # a replicated (unsharded) copy
                 param = param.full_tensor()
             ref.copy_(param)
-        reshard(self.frozen_copy)
 
