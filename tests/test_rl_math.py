@@ -1,6 +1,7 @@
 """Advantages, the clipped-ratio loss, the K-repeat sampler, prompt datasets and the EMA schedule."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,22 @@ def test_ema_schedule_and_swap():
     fresh = EMA([torch.nn.Parameter(torch.zeros(3))])
     fresh.load_state_dict(ema.state_dict())
     assert torch.equal(fresh.shadow[0], ema.shadow[0])
+
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason=f"the reference's prompt sets are not at {SHARED_DATASETS}")
+def test_the_reference_prompt_sets_load():
+    geneval = load_prompt_dataset(str(SHARED_DATASETS / "geneval"), "test")
+    assert len(geneval) == 2211
+    tags = {m["tag"] for _, m in (geneval[i] for i in range(len(geneval)))}
+    assert tags == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    prompt, meta = geneval[1]
+    assert prompt == meta["prompt"] and meta["include"][0]["color"] == "pink"
+    ocr = load_prompt_dataset(str(SHARED_DATASETS / "ocr"), "test")
+    assert len(ocr) == 1017 and all('"' in ocr[i][0] for i in range(len(ocr)))  # the target text is quoted
+    pickscore = load_prompt_dataset(str(SHARED_DATASETS / "pickscore"), "test")
+    assert len(pickscore) == 2048
+    sampler = KRepeatSampler(len(geneval), 9, 24, 32, 5, seed=42)  # the reference's 32-GPU layout
+    assert len(next(sampler)) == 9
