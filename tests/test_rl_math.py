@@ -129,13 +129,13 @@ SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 @pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason=f"the reference's prompt sets are not at {SHARED_DATASETS}")
 def test_the_reference_prompt_sets_load():
     geneval = load_prompt_dataset(str(SHARED_DATASETS / "geneval"), "test")
-    assert len(geneval) == 2211
+    assert len(geneval) == 2212  # 553 GenEval prompts x 4 (the last line has no newline)
     tags = {m["tag"] for _, m in (geneval[i] for i in range(len(geneval)))}
     assert tags == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
     prompt, meta = geneval[1]
     assert prompt == meta["prompt"] and meta["include"][0]["color"] == "pink"
     ocr = load_prompt_dataset(str(SHARED_DATASETS / "ocr"), "test")
-    assert len(ocr) == 1017 and all('"' in ocr[i][0] for i in range(len(ocr)))  # the target text is quoted
+    assert len(ocr) == 1018 and all('"' in ocr[i][0] for i in range(len(ocr)))  # the target text is quoted
     pickscore = load_prompt_dataset(str(SHARED_DATASETS / "pickscore"), "test")
     assert len(pickscore) == 2048
     sampler = KRepeatSampler(len(geneval), 9, 24, 32, 5, seed=42)  # the reference's 32-GPU layout
