@@ -41,6 +41,7 @@ TINY = [
     "--training.gradient_accumulation_steps", "2", "--training.ema_update_interval", "1",
     "--metrics.enable_tensorboard", "false", "--metrics.image_log_freq", "0",
     "--checkpoint.enable", "true", "--checkpoint.keep_latest_k", "0",
+    "--eval.freq", "2", "--eval.num_steps", "4", "--eval.max_prompts", "8", "--eval.batch_size", "4",
 ]
 EPOCHS = 4
 
@@ -54,7 +55,8 @@ from titan_flow.train import main
 real_save = dcp.save
 def save(state_dict, *, checkpoint_id, **kw):
     out = real_save(state_dict, checkpoint_id=checkpoint_id, **kw)
-    if checkpoint_id.endswith("step-%08d" % int(os.environ["CRASH_STEP"])) and os.environ["RANK"] == os.environ["CRASH_RANK"]:
+    crash_here = checkpoint_id.endswith("step-%08d" % int(os.environ["CRASH_STEP"]))
+    if crash_here and os.environ["RANK"] == os.environ["CRASH_RANK"]:
         os.kill(os.getpid(), signal.SIGKILL)
     return out
 dcp.save = save
@@ -80,7 +82,8 @@ sys.exit(main(sys.argv[1:]))
 
 def torchrun(nproc: int, args: list[str], script: str | None = None, env: dict | None = None, timeout: int = 240):
     target = [script] if script else ["-m", "titan_flow.train"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *target, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           *target, *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
@@ -100,8 +103,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def training_scalars(record: dict) -> dict:
-    """Everything the math produces (losses, rewards, ratios, advantages, grad norm); not timings."""
+    """Everything the math produces (losses, rewards, ratios, advantages, grad norm, eval); not timings."""
     return {k: v for k, v in record.items() if k != "time" and not k.startswith("perf/")}
+
+
+def record_id(record: dict) -> tuple[int, str]:
+    return record["step"], "eval" if any(k.startswith("eval/") for k in record) else "train"
 
 
 def flat_checkpoint(path: Path, scratch: Path) -> dict:
@@ -169,14 +176,18 @@ def test_resume_after_kill_is_bitwise(straight, crashed, runs):
     """Killed after epoch 3's rollout and restarted from step 2: every logged scalar of every epoch and
     the final model, AdamW, EMA, sampler and window-rng state equal the uninterrupted run bit for bit."""
     crashed_dir, _, _ = crashed
-    reference = {r["step"]: training_scalars(r) for r in read_metrics(straight)}
-    assert sorted(reference) == list(range(EPOCHS))
+    reference = {record_id(r): training_scalars(r) for r in read_metrics(straight)}
+    assert sorted(reference) == [(0, "eval"), (0, "train"), (1, "train"), (2, "eval"), (2, "train"), (3, "train")]
     records = read_metrics(crashed_dir)
-    # The first attempt logged epochs 0-2 before dying in the save of step 3; the restart logged 2-3.
-    assert [r["step"] for r in records] == [0, 1, 2, 2, 3]
+    # The first attempt logged epochs 0-2 (eval at 0 and 2) before dying in the save of step 3; the
+    # restart logged epoch 2 (with its eval, on the restored EMA weights) and epoch 3.
+    first = [(0, "eval"), (0, "train"), (1, "train"), (2, "eval"), (2, "train")]
+    restart = [(2, "eval"), (2, "train"), (3, "train")]
+    assert [record_id(r) for r in records] == first + restart
     for r in records:
-        assert training_scalars(r) == reference[r["step"]], f"epoch {r['step']} differs"
-    assert reference[3]["loss/total"] != reference[2]["loss/total"]  # the epochs really differ
+        assert training_scalars(r) == reference[record_id(r)], f"{record_id(r)} differs"
+    assert reference[3, "train"]["loss/total"] != reference[2, "train"]["loss/total"]  # the epochs really differ
+    assert reference[2, "eval"] != reference[0, "eval"]
     final_ref = flat_checkpoint(step_dir(straight / "checkpoint", EPOCHS), runs)
     final = flat_checkpoint(step_dir(crashed_dir / "checkpoint", EPOCHS), runs)
     assert_same_state(final_ref, final)
@@ -214,8 +225,9 @@ def test_reshard_from_world_size_2(straight, runs, nproc):
     out = check(torchrun(nproc, args, str(script), env={"RESAVE_DIR": str(resaved)}))
     assert f"resumed from {step_dir(folder, 2)}" in out
     assert_same_state(flat_checkpoint(step_dir(straight / "checkpoint", 2), runs), flat_checkpoint(resaved, runs))
-    (record,) = read_metrics(runs / run)
-    assert record["step"] == 2 and math.isfinite(record["loss/total"]) and record["optim/global_step"] == 3
+    train_records = [r for r in read_metrics(runs / run) if record_id(r)[1] == "train"]
+    assert [r["step"] for r in train_records] == [2]
+    assert math.isfinite(train_records[0]["loss/total"]) and train_records[0]["optim/global_step"] == 3
     assert complete_steps(folder) == [2, 3]
 
 
@@ -251,7 +263,8 @@ def make_states(seed: int = 0, out_features: int = 3):
     model(torch.randn(2, 4)).square().sum().backward()
     optimizer.step()
     counter = Counter()
-    return model, optimizer, {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "train": counter}
+    states = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "train": counter}
+    return model, optimizer, states
 
 
 def manager(folder, states, generator=None, **kw):
@@ -318,10 +331,12 @@ def test_load_step_missing_or_incomplete_is_a_clear_error(pg, tmp_path):
     _, _, states = make_states()
     ckpt = manager(tmp_path, states)
     ckpt.save(2)
-    with pytest.raises(CheckpointError, match=r"load_step 7: .*step-00000007 does not exist; complete checkpoints in .*: \[2\]"):
+    missing = r"load_step 7: .*step-00000007 does not exist; complete checkpoints in .*: \[2\]"
+    with pytest.raises(CheckpointError, match=missing):
         ckpt.resolve_step(7)
     step_dir(tmp_path, 3).mkdir()
-    with pytest.raises(CheckpointError, match=r"load_step 3: .*step-00000003 has no COMPLETE marker \(its save was interrupted\)"):
+    interrupted = r"load_step 3: .*step-00000003 has no COMPLETE marker \(its save was interrupted\)"
+    with pytest.raises(CheckpointError, match=interrupted):
         ckpt.resolve_step(3)
     assert ckpt.resolve_step(-1) == 2
     assert manager(tmp_path / "empty", states).resolve_step(-1) is None
@@ -373,3 +388,25 @@ def test_plain_dcp_round_trip_needs_no_process_group(tmp_path):
     dcp.save({"model": states["model"]}, checkpoint_id=str(tmp_path / "c"), no_dist=True)
     flat = flat_checkpoint(tmp_path / "c", tmp_path)
     assert all(torch.equal(flat[f"model.{k}"], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_online_dpo_resume_keeps_the_moving_reference(runs):
+    """Online DPO's reference follows the policy (synced before epoch 2 here, at optimizer step 4): a
+    resume from step 3 must restore that moved reference and its sync step, not rebuild the initial one."""
+    dpo = ["--rl.algorithm", "online_dpo", "--rl.ref_update_interval", "3", "--training.gradient_accumulation_steps",
+           "1", "--eval.freq", "0", "--checkpoint.interval", "1"]
+    check(torchrun(2, run_args(runs, "dpo_straight", *dpo)))
+    folder = runs / "dpo_resumed" / "checkpoint"
+    folder.mkdir(parents=True)
+    shutil.copytree(step_dir(runs / "dpo_straight" / "checkpoint", 3), step_dir(folder, 3))
+    check(torchrun(2, run_args(runs, "dpo_resumed", *dpo)))
+    saved = flat_checkpoint(step_dir(runs / "dpo_straight" / "checkpoint", 3), runs)
+    assert saved["train.ref_synced_step"] == 4
+    ref = next(k for k in saved if k.startswith("reference.") and k.endswith("proj_out.weight"))
+    assert not torch.equal(saved[ref], saved["model." + ref[len("reference."):]])  # the reference lags the policy
+    final = [flat_checkpoint(step_dir(runs / r / "checkpoint", EPOCHS), runs) for r in ("dpo_straight", "dpo_resumed")]
+    assert_same_state(*final)
+    straight = {r["step"]: training_scalars(r) for r in read_metrics(runs / "dpo_straight")}
+    (resumed,) = read_metrics(runs / "dpo_resumed")
+    assert training_scalars(resumed) == straight[3]

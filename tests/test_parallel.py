@@ -56,8 +56,8 @@ my_cond = {k: v[mine] for k, v in cond.items()}
 # Uneven shards (7 and 3 rows over 2 or 4 ranks, some chunks empty) load to exactly the full tensors.
 from torch.distributed.fsdp import fully_shard
 from titan_flow.checkpoint.pretrained import load_full_into_shards
-full = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
-        for i, (k, v) in enumerate(torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)).state_dict().items())}
+layout = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)).state_dict()
+full = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in enumerate(layout.items())}
 with torch.device("meta"):
     small = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
 fully_shard(small, mesh=dims.fsdp_mesh)

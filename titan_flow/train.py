@@ -28,7 +28,9 @@ from titan_flow.metrics import MetricsLogger, setup_logging
 from titan_flow.models import get_model_spec
 from titan_flow.models.common.lora import apply_lora, mark_only_lora_trainable
 from titan_flow.rewards import MultiReward
-from titan_flow.rl.algorithms import OnlineAlgorithm, build_algorithm, needs_frozen_copy, needs_lora_reference_slot
+from titan_flow.rl.algorithms import (
+    OnlineAlgorithm, build_algorithm, is_online, needs_frozen_copy, needs_lora_reference_slot,
+)
 from titan_flow.rl.ema import EMA
 from titan_flow.rl.evaluate import evaluate
 
@@ -92,18 +94,23 @@ class TrainState(Stateful):
         self.epoch = 0
 
     def state_dict(self):
-        return {
+        sd = {
             "epoch": self.epoch,
             "global_step": self.algo.global_step,
             "window_rng": self.algo.window_rng.getstate(),
             "sampler": self.sampler.state_dict(),
         }
+        if hasattr(self.algo, "ref_synced_step"):  # online DPO/SFT: when the reference last took the policy
+            sd["ref_synced_step"] = self.algo.ref_synced_step
+        return sd
 
     def load_state_dict(self, sd):
         self.epoch = sd["epoch"]
         self.algo.global_step = sd["global_step"]
         self.algo.window_rng.setstate(sd["window_rng"])
         self.sampler.load_state_dict(sd["sampler"])
+        if "ref_synced_step" in sd:
+            self.algo.ref_synced_step = sd["ref_synced_step"]
 
 
 def build_dataset(cfg: JobConfig, split: str):
@@ -156,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     states = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "train": train_state}
     if ema is not None:
         states["ema"] = ema
+    if frozen_copy is not None and is_online(cfg):  # a reference that moves during training (online DPO/SFT)
+        states["reference"] = ModelState(frozen_copy)
     ckpt = CheckpointManager(
         out / cfg.checkpoint.folder, states, {"noise": noise_generator},
         cfg.checkpoint.interval, cfg.checkpoint.keep_latest_k, cfg.checkpoint.async_mode == "async",

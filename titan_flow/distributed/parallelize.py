@@ -47,7 +47,8 @@ def apply_fsdp(
     The root does not cast its inputs: models cast what they need themselves, and keep inputs such
     as the timestep in full precision.
     """
-    kwargs = dict(mesh=dims.fsdp_mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype))
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    kwargs = dict(mesh=dims.fsdp_mesh, mp_policy=mp_policy)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     root_kwargs = dict(kwargs, mp_policy=MixedPrecisionPolicy(param_dtype, reduce_dtype, cast_forward_inputs=False))
