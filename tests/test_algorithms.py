@@ -338,8 +338,9 @@ def test_dpo_offline_and_online_with_lora(tmp_path):
 
 
 def test_online_dpo_full_finetune_syncs_the_frozen_copy(tmp_path):
+    # rollouts with the CPS sampler: every algorithm takes sampling.sde_type
     run = train_run(tmp_path, "online_dpo_full", "--rl.algorithm", "online_dpo", "--rl.ref_update_interval", "2",
-                    steps=3)
+                    "--sampling.sde_type", "cps", "--sampling.noise_level", "0.8", steps=3)
     log2 = math.log(2)
     assert abs(run[0]["loss/total"] - log2) < 1e-6
     assert abs(run[1]["loss/total"] - log2) > 1e-4  # one step since the last sync (interval 2): no sync yet
