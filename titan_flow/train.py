@@ -56,33 +56,38 @@ def build_policy(cfg: JobConfig, device: torch.device):
     )
 
 
-def build_model(cfg: JobConfig, dims: ParallelDims, trainable: bool) -> torch.nn.Module:
-    """Load (or random-init, identically on every rank) the backbone, then shard it with FSDP2."""
+def build_model(cfg: JobConfig, dims: ParallelDims, trainable: bool, load_weights: bool = True) -> torch.nn.Module:
+    """The backbone, sharded with FSDP2: pretrained weights, or a random init identical on every rank.
+
+    Pretrained weights: the model is built and sharded on the meta device, then each rank reads only
+    its shards of the weights (except under LoRA, whose adapters are drawn on a real model). With
+    `load_weights=False` the model is only built (meta, then empty memory) for a checkpoint to fill.
+    """
     spec = get_model_spec(cfg.model.name)
     dtype = DTYPES[cfg.model.dtype]
-    if cfg.model.pretrained_path and not (trainable and cfg.lora.enable):
-        # Built and sharded on the meta device; each rank then reads only its shards of the weights.
-        args, weights = spec.load_checkpoint(cfg.model.pretrained_path)
+    path = cfg.model.pretrained_path
+    lora = trainable and cfg.lora.enable
+    on_meta = not load_weights or (path and not lora)
+    if on_meta:
+        args, weights = spec.load_checkpoint(path) if path else (spec.args(cfg.model.flavor), None)
         with torch.device("meta"):
             model = spec.model_cls(args).to(dtype)
-        model.requires_grad_(trainable)
-        model = spec.parallelize(model, dims, cfg, trainable=trainable)
-        model.to_empty(device="cpu" if cfg.parallelism.fsdp_cpu_offload else dims.device)
-        load_full_into_shards(model, weights, source=f"model.pretrained_path {cfg.model.pretrained_path}")
-        return model
-    if cfg.model.pretrained_path:  # LoRA draws its adapters on real weights, so they are loaded first
-        model = spec.from_pretrained(cfg.model.pretrained_path, dtype=dtype, device=dims.device)
+    elif path:
+        model = spec.from_pretrained(path, dtype=dtype, device=dims.device)
     else:
         torch.manual_seed(cfg.job.seed)  # the same random init on every rank
         model = spec.build(cfg.model.flavor, device=dims.device, dtype=dtype)
     model.requires_grad_(trainable)
-    lora = trainable and cfg.lora.enable
     if lora:  # before parallelize: AC, compile and FSDP2 then wrap the adapters with their layers
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, seed=cfg.job.seed,
                    with_reference=needs_lora_reference_slot(cfg))
     model = spec.parallelize(model, dims, cfg, trainable=trainable)
     if lora:  # a family's plan may pick its own trainable set (Bagel: the gen expert); LoRA trains adapters only
         mark_only_lora_trainable(model)
+    if on_meta:
+        model.to_empty(device="cpu" if cfg.parallelism.fsdp_cpu_offload else dims.device)
+        if load_weights:
+            load_full_into_shards(model, weights, source=f"model.pretrained_path {path}")
     return model
 
 

@@ -303,3 +303,35 @@ class CheckpointManager:
 
     def close(self) -> None:
         self.wait()
+
+
+def load_model_weights(model: torch.nn.Module, folder: Path, step: int = -1, use_ema: bool = True) -> int:
+    """Fill `model` (built as the run built it) from the run's checkpoint `step` (-1 = the newest
+    complete one), with the EMA weights in place of the trained ones when `use_ema`. Returns the step.
+
+    Only the model (and EMA) entries are read; the checkpoint may come from any world size.
+    """
+    from titan_flow.rl.ema import EMA
+
+    folder = Path(folder)
+    steps = complete_steps(folder)
+    if not steps:
+        raise CheckpointError(f"{folder} holds no complete checkpoint; was the run saved with checkpoint.enable = true?")
+    if step < 0:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"step {step} is not a complete checkpoint in {folder}; complete: {steps}")
+    path = step_dir(folder, step)
+    verify_manifest(path)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    states: dict[str, Stateful] = {"model": ModelState(model)}
+    if use_ema:
+        states["ema"] = ema = EMA(trainable)
+    try:
+        dcp.load(states, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:
+        hint = " (the run kept no EMA: use the raw weights)" if use_ema else ""
+        raise CheckpointError(f"could not load the model from {path}{hint}: {_first_failure(e)}") from e
+    if use_ema:
+        ema.copy_to(trainable)
+    return step

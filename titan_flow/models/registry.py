@@ -45,6 +45,9 @@ class ModelSpec:
     # (path, device) -> (args, our state dict) without building the model; on the CPU the tensors are
     # safetensors' memory maps, so a rank that copies only its shard reads only that shard's bytes.
     load_checkpoint_fn: Callable[..., tuple[Any, dict]] | None = None
+    # (our full state dict, args, out_dir, max_shard_size) -> the directory written in the family's
+    # published format (diffusers families: <out_dir>/transformer); used by `python -m titan_flow.export`.
+    export_fn: Callable[..., Path] | None = None
 
     def args(self, flavor: str):
         if flavor not in self.flavors:

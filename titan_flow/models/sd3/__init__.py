@@ -1,11 +1,19 @@
 """SD3 / SD3.5 family: MMDiT backbone, checkpoint adapter, Policy pipeline and parallelism plan."""
 
+from pathlib import Path
+
 from titan_flow.models.registry import ModelSpec
 from titan_flow.models.sd3.args import FLAVORS, SD3Args
 from titan_flow.models.sd3.model import SD3Transformer
 from titan_flow.models.sd3.parallelize import parallelize_sd3
 from titan_flow.models.sd3.pipeline import SD3Pipeline
-from titan_flow.models.sd3.state_dict_adapter import from_diffusers, from_pretrained, load_checkpoint, to_diffusers
+from titan_flow.models.sd3.state_dict_adapter import (
+    from_diffusers,
+    from_pretrained,
+    load_checkpoint,
+    save_diffusers,
+    to_diffusers,
+)
 
 SPEC = ModelSpec(
     name="sd3",
@@ -17,6 +25,7 @@ SPEC = ModelSpec(
     pipeline_cls=SD3Pipeline,
     parallelize=parallelize_sd3,
     load_checkpoint_fn=load_checkpoint,
+    export_fn=lambda sd, args, out, max_shard_size: save_diffusers(sd, args, Path(out) / "transformer", max_shard_size),
 )
 
 __all__ = ["FLAVORS", "SPEC", "SD3Args", "SD3Transformer"]
