@@ -365,8 +365,10 @@ def test_bad_algorithm_configs_name_the_field():
         ("--rl.ratio_norm", "--sampling.sde_type", "cps"): "rl.ratio_norm: .*sampling.sde_type = 'sde'",
         ("--rl.ratio_norm", "--rl.algorithm", "dpo"): "rl.ratio_norm / rl.grad_reweight .* need rl.algorithm",
         ("--rl.ratio_norm_batch_bias",): "rl.ratio_norm_batch_bias only applies",
-        ("--sampling.branch_prefix", "--sampling.sde_window_size", "0"): r"sampling.branch_prefix \(legacy Fast\) .* sampling.sde_window_size > 0",
-        ("--rl.train_cfg", "false", "--sampling.guidance_scale", "4.5"): "rl.train_cfg = false .*sampling.guidance_scale = 4.5",
+        ("--sampling.branch_prefix", "--sampling.sde_window_size", "0"):
+            r"sampling.branch_prefix \(legacy Fast\) .* sampling.sde_window_size > 0",
+        ("--rl.train_cfg", "false", "--sampling.guidance_scale", "4.5"):
+            "rl.train_cfg = false .*sampling.guidance_scale = 4.5",
         ("--rl.algorithm", "online_sft", "--rl.beta", "1"): "online_sft.*lora.enable = true",
         ("--rl.algorithm", "dpo", "--sampling.num_image_per_prompt", "1", "--sampling.batch_size", "1"):
             "num_image_per_prompt must be >= 2",

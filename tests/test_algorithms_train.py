@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_fast_window_training_raises_the_debug_reward(tmp_path):
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "titan_flow.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "titan_flow.train",
            "--job.config_file", str(REPO / "train_configs" / "debug_cpu.toml"), "--job.output_dir", str(tmp_path),
            "--job.run_name", "fast", "--sampling.sde_window_size", "2", "--sampling.sde_window_range", "4,8",
            "--eval.freq", "0", "--checkpoint.enable", "false", "--metrics.image_log_freq", "0"]

@@ -94,7 +94,8 @@ def test_recipe_has_the_reference_hyper_parameters(name):
     assert cfg.training.ema and (cfg.training.ema_max_decay, cfg.training.ema_update_interval) == (0.9, 8)
     assert (cfg.checkpoint.interval, cfg.eval.freq, cfg.eval.batch_size) == (e["freq"], e["freq"], e["test_bs"])
     assert cfg.reward.fns == e["rewards"] and set(cfg.reward.fns) <= set(reward_names())
-    assert cfg.data.path == f"dataset/{e['data']}" and cfg.data.format == ("geneval" if e["data"] == "geneval" else "text")
+    assert cfg.data.path == f"dataset/{e['data']}"
+    assert cfg.data.format == ("geneval" if e["data"] == "geneval" else "text")
     lora = cfg.lora
     assert (lora.enable, lora.rank, lora.alpha, lora.target_modules) == (True, 32, 64.0, SD3_TARGETS)
 
