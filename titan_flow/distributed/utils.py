@@ -7,8 +7,13 @@ model is always wrapped by FSDP2 and there is one code path from a laptop to 32 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
+import sys
+import threading
+import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -102,11 +107,68 @@ def init_distributed(cfg: JobConfig) -> ParallelDims:
             timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
+    if world_size > 1 and "MASTER_ADDR" in os.environ:
+        FailureRelay.install(rank)
     replicate, shard = resolve_degrees(cfg, world_size)
     mesh = init_device_mesh(
         device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard")
     )
     return ParallelDims(world_size, rank, local_rank, replicate, shard, device, mesh)
+
+
+class FailureRelay:
+    """When one rank fails, every rank stops within seconds, logging that rank's error (rank 0 included).
+
+    A rank whose Python code raises posts its traceback in the launcher's TCP store (through
+    sys.excepthook, so no entry point needs to know); a daemon thread on every rank polls the key and,
+    on another rank's failure, logs it and exits the process. Without it the other ranks would sit in
+    a collective until `parallelism.timeout_seconds` and then report only a timeout. A rank that dies
+    without a traceback (killed, segfault) still ends the job through that timeout or the launcher.
+    """
+
+    def __init__(self, rank: int, poll_seconds: float):
+        self.rank = rank
+        self.key = f"titan_flow/failure/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self.store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        self.poll_seconds = poll_seconds
+
+    @classmethod
+    def install(cls, rank: int, poll_seconds: float = 1.0) -> FailureRelay:
+        relay = cls(rank, poll_seconds)
+        previous = sys.excepthook
+
+        def hook(kind, value, tb):
+            relay.post("".join(traceback.format_exception(kind, value, tb)))
+            previous(kind, value, tb)
+
+        sys.excepthook = hook
+        threading.Thread(target=relay.watch, name="titan_flow-failure-relay", daemon=True).start()
+        return relay
+
+    def post(self, text: str) -> None:
+        """Record this rank's failure unless another rank's came first (then name that one as the cause)."""
+        mine = f"rank {self.rank} failed:\n{text}"
+        try:
+            first = self.store.compare_set(self.key, "", mine).decode()
+        except Exception:  # the store is gone: the job is already being torn down
+            return
+        if first != mine:
+            print(f"[rank{self.rank}] this error follows an earlier failure; root cause: {first}", file=sys.stderr)
+
+    def watch(self) -> None:
+        try:
+            while not self.store.check([self.key]):
+                time.sleep(self.poll_seconds)
+            message = self.store.get(self.key).decode()
+        except Exception:  # the store closed: the job has ended
+            return
+        if message.startswith(f"rank {self.rank} failed"):
+            return
+        logging.getLogger("titan_flow").error("stopping rank %d because %s", self.rank, message)
+        os._exit(1)
 
 
 def destroy_distributed() -> None:
