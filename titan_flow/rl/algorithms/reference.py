@@ -17,18 +17,10 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from titan_flow.distributed.utils import reshard
 from titan_flow.models.common.lora import active_adapter, has_lora, sync_reference_adapter
-
-
-def reshard(model: nn.Module) -> None:
-    """Drop every unsharded FSDP2 parameter copy. FSDP2 keeps the root (and the last block) unsharded
-    after a no-grad forward, and reads the sharded weights again only at its next all-gather."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 class FrozenPolicies:
