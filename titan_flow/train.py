@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             ckpt.load(resume)
 
     test_set = build_dataset(cfg, cfg.data.test_split) if cfg.eval.freq > 0 else None
-    n_params = sum(p.numel() for p in trainable)
-    logger.info("training %.3fM parameters for %d epochs; outputs in %s", n_params / 1e6, cfg.training.steps, out)
+    n_trained, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    logger.info("training %s of %s parameters for %d epochs; outputs in %s", f"{n_trained:,}", f"{n_total:,}",
+                cfg.training.steps, out)
     try:
         for epoch in range(train_state.epoch, cfg.training.steps):
             if test_set is not None and epoch % cfg.eval.freq == 0:
