@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from titan_flow.models.bagel.args import BagelArgs, VitArgs
 from titan_flow.models.bagel.model import Bagel
 from titan_flow.models.common.embeddings import get_2d_sincos_pos_embed
+from titan_flow.models.common.state_dict import check_keys, listing
 
 EMA_NAME = "ema.safetensors"
 LLM_CONFIG_NAME = "llm_config.json"
@@ -95,13 +96,9 @@ def _rename(state_dict: dict[str, torch.Tensor], rules, source: str) -> dict[str
         else:
             unmatched.append(key)
     if unmatched:
-        raise ValueError(f"{source}: keys no rule maps: {_listing(sorted(unmatched))}")
+        raise ValueError(f"{source}: keys no rule maps: {listing(sorted(unmatched))}")
     return out
 
-
-def _listing(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def _count(keys, prefix: str) -> int:
@@ -156,20 +153,7 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], args: BagelArgs, sourc
     """Raise naming every missing, unexpected and mis-shaped key against the model `args` builds."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Bagel(args).state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(shape)})"
-        for k, shape in expected.items()
-        if k in state_dict and state_dict[k].shape != shape
-    ]
-    problems = [
-        f"{name}: {_listing(keys)}"
-        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-        if keys
-    ]
-    if problems:
-        raise ValueError(f"{source} does not match the Bagel model of {args}: " + "; ".join(problems))
+    check_keys(state_dict, expected, f"{source} does not match the Bagel model of {args}")
 
 
 def check_position_tables(state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:

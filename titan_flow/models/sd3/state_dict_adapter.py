@@ -18,6 +18,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from titan_flow.models.common.state_dict import check_keys, listing
 from titan_flow.models.sd3.args import SD3Args
 from titan_flow.models.sd3.model import SD3Transformer
 
@@ -27,10 +28,6 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 ORIGINAL_PREFIX = "model.diffusion_model."
 SAI_HEAD_DIM = 64  # every SAI MMDiT uses 64-wide heads (hidden = 64 * depth)
 
-
-def _listing(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def _block_indices(keys, prefix: str) -> list[int]:
@@ -85,20 +82,7 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], args: SD3Args, source:
     """Raise naming every missing, unexpected and mis-shaped key against the model `args` builds."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in SD3Transformer(args).state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(shape)})"
-        for k, shape in expected.items()
-        if k in state_dict and state_dict[k].shape != shape
-    ]
-    problems = [
-        f"{name}: {_listing(keys)}"
-        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-        if keys
-    ]
-    if problems:
-        raise ValueError(f"{source} does not match the SD3 model of {args}: " + "; ".join(problems))
+    check_keys(state_dict, expected, f"{source} does not match the SD3 model of {args}")
 
 
 def from_diffusers(state_dict: dict[str, torch.Tensor], args: SD3Args | None = None) -> dict[str, torch.Tensor]:
@@ -176,7 +160,7 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
 
 def _raise_on_leftovers(source: str, missing: list[str], unexpected: list[str]) -> None:
     problems = [
-        f"{n}: {_listing(sorted(k))}" for n, k in (("missing keys", missing), ("unexpected keys", unexpected)) if k
+        f"{n}: {listing(sorted(k))}" for n, k in (("missing keys", missing), ("unexpected keys", unexpected)) if k
     ]
     if problems:
         raise ValueError(f"{source}: " + "; ".join(problems))
