@@ -30,7 +30,7 @@ def env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHON": sys.executable, **extra}
 
 
-def two_nodes(out: Path, node1_extra: list[str] = (), timeout: int = 240) -> tuple[list[subprocess.CompletedProcess], float]:
+def two_nodes(out: Path, node1_extra: list[str] = (), timeout: int = 240) -> tuple[list, float]:
     """Both nodes of a 2 x 1 job through launch/multinode.sh; node 1 may get extra arguments."""
     common = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NNODES="2", NPROC_PER_NODE="1",
                   RDZV_TIMEOUT="60", CONFIG_FILE="train_configs/debug_cpu.toml")

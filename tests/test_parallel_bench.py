@@ -1,0 +1,65 @@
+"""titan_flow.bench: per-rank throughput/peak memory under torchrun, and the memory model's counts and formula."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from titan_flow.bench.memory import FAMILIES, GIB, Counts, count, per_gpu
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_prints_peak_memory_and_images_per_s_per_rank():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "titan_flow.bench", "--warmup", "1", "--epochs", "1", "--sampling.num_steps", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    for rank in (0, 1):
+        (rss,) = re.findall(rf"\[bench\] rank {rank}: peak RSS ([\d.]+) GiB \(CPU\)", proc.stdout)
+        assert 0.1 < float(rss) < 8
+    (line,) = re.findall(r"\[bench\] sd3/debug: 1 measured epochs: ([\d.]+) images/s per rank .* world size 2",
+                         proc.stdout)
+    assert float(line) > 0
+
+
+# Parameter counts of the published checkpoints (reference/backbones.md, counted from their files).
+PUBLISHED = {"SD3.5-Medium": 2_243_171_520, "FLUX.1-dev": 11_901_408_320, "Qwen-Image": 20_430_401_088}
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_counts_match_the_published_models(family):
+    c = count(family)
+    if family.name in PUBLISHED:
+        assert c.total == PUBLISHED[family.name] and c.full_trainable == c.total
+    else:  # Bagel: 14.607 B in ema.safetensors incl. the 2 position tables; the gen expert trains
+        assert abs(c.total - 14.58e9) < 0.01e9 and abs(c.full_trainable - 6.526e9) < 0.001e9
+    assert 0 < c.lora_trainable < 0.05 * c.full_trainable
+    assert c.largest_block < c.total / 20 and 0 < c.root < c.total
+
+
+def test_encoder_counts():
+    by_name = {f.name: count(f) for f in FAMILIES}
+    clip_l, clip_g, t5, vae = 123_650_304, 694_659_840, 4_762_310_656, 83_819_683
+    assert by_name["SD3.5-Medium"].encoders == clip_l + clip_g + t5 and by_name["SD3.5-Medium"].vae == vae
+    assert by_name["FLUX.1-dev"].encoders == clip_l + t5
+    assert by_name["Qwen-Image"].encoders == 8_292_166_656  # Qwen2.5-VL-7B-Instruct
+    assert by_name["Bagel-7B-MoT"].encoders == 0  # its own LLM encodes the prompt
+
+
+def test_per_gpu_formula():
+    c = Counts(total=1000, full_trainable=600, lora_trainable=10, largest_block=50, root=20, encoders=100, vae=5)
+    full = per_gpu(c, lora=False, gpus=4, master="float32", compute="bfloat16", encoder="bfloat16", vae="float32")
+    assert full["trained state"] * GIB == pytest.approx(600 * (4 + 4 + 8 + 4) / 4)
+    assert full["frozen weights"] * GIB == pytest.approx(400 * 4 / 4)
+    assert full["gathered"] * GIB == pytest.approx((2 * 50 + 20) * 2)
+    assert full["encoders + VAE"] * GIB == pytest.approx(100 * 2 + 5 * 4)
+    lora = per_gpu(c, lora=True, gpus=4, master="bfloat16", ema=False)
+    assert lora["trained state"] * GIB == pytest.approx(10 * (2 + 2 + 8) / 4)
+    assert lora["frozen weights"] * GIB == pytest.approx(1000 * 2 / 4)
