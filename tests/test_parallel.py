@@ -64,7 +64,17 @@ fully_shard(small, mesh=dims.fsdp_mesh)
 small.to_empty(device=dims.device)
 load_full_into_shards(small, full)
 uneven_ok = all(torch.equal(v.full_tensor(), full[k]) for k, v in small.state_dict().items())
-results = {"uneven_shards_ok": uneven_ok}
+# The frozen reference, sharded or replicated (parallelism.reference_placement): the same velocity.
+from torch.distributed.fsdp import FSDPModule
+frozen = {}
+for placement in ("shard", "replicate"):
+    frozen_cfg = build_job_config(BASE + ["--parallelism.reference_placement", placement])
+    model = build_model(frozen_cfg, dims, trainable=False)
+    with torch.no_grad():
+        v = policy.velocity(model, policy.initial_noise(2, torch.Generator().manual_seed(5)), sigmas[1].expand(2),
+                            {k: v[:2] for k, v in cond.items()}, guidance)
+    frozen[placement] = (isinstance(model, FSDPModule), v)
+results = {"uneven_shards_ok": uneven_ok, "frozen": frozen}
 for name, overrides in variants.items():
     cfg = build_job_config(BASE + overrides)
     torch.manual_seed(0)
@@ -215,6 +225,13 @@ def test_meta_build_with_sharded_load_is_bitwise(results, world, variant):
     only its rows) train exactly like the random init they were saved from."""
     same_mesh = {"pretrained": "base", "pretrained_hsdp": "hsdp_2x1"}[variant]
     assert_bitwise(results[world][same_mesh], results[world][variant])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_replicated_reference_equals_sharded(results, world):
+    (sharded, v_shard), (replicated_is_fsdp, v_rep) = (results[world]["frozen"][p] for p in ("shard", "replicate"))
+    assert sharded and not replicated_is_fsdp
+    assert torch.equal(v_shard, v_rep)
 
 
 @pytest.mark.parametrize("world", [1, 2])
