@@ -74,7 +74,13 @@ for placement in ("shard", "replicate"):
         v = policy.velocity(model, policy.initial_noise(2, torch.Generator().manual_seed(5)), sigmas[1].expand(2),
                             {k: v[:2] for k, v in cond.items()}, guidance)
     frozen[placement] = (isinstance(model, FSDPModule), v)
-results = {"uneven_shards_ok": uneven_ok, "frozen": frozen}
+# Text encoders sharded layer by layer (parallelism.encoder_placement): the same prompt embeddings.
+from titan_flow.distributed.parallelize import shard_frozen_encoders
+sharded_encoders = shard_frozen_encoders(policy, dims)
+with torch.no_grad():
+    cond_sharded = policy.encode(prompts)
+results = {"uneven_shards_ok": uneven_ok, "frozen": frozen, "sharded_encoders": sharded_encoders,
+           "encoders_equal": all(torch.equal(cond[k], cond_sharded[k]) for k in cond)}
 for name, overrides in variants.items():
     cfg = build_job_config(BASE + overrides)
     torch.manual_seed(0)
@@ -232,6 +238,12 @@ def test_replicated_reference_equals_sharded(results, world):
     (sharded, v_shard), (replicated_is_fsdp, v_rep) = (results[world]["frozen"][p] for p in ("shard", "replicate"))
     assert sharded and not replicated_is_fsdp
     assert torch.equal(v_shard, v_rep)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sharded_text_encoders_give_the_same_embeddings(results, world):
+    assert results[world]["sharded_encoders"] == ["clip_encoders", "clip_encoders", "t5_encoder"]
+    assert results[world]["encoders_equal"] is True
 
 
 @pytest.mark.parametrize("world", [1, 2])

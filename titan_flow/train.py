@@ -22,7 +22,7 @@ from titan_flow.checkpoint.pretrained import load_full_into_shards
 from titan_flow.config import JobConfig, build_job_config, to_dict
 from titan_flow.data.prompts import load_prompt_dataset
 from titan_flow.data.sampler import KRepeatSampler
-from titan_flow.distributed.parallelize import DTYPES
+from titan_flow.distributed.parallelize import DTYPES, shard_frozen_encoders
 from titan_flow.distributed.utils import ParallelDims, destroy_distributed, init_distributed
 from titan_flow.metrics import MetricsLogger, setup_logging
 from titan_flow.models import get_model_spec
@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("run %s: world size %d on %s", cfg.job.run_name, dims.world_size, dims.device)
 
     policy = build_policy(cfg, dims.device)
+    if cfg.parallelism.encoder_placement == "shard":
+        logger.info("text encoders sharded with FSDP2: %s", ", ".join(shard_frozen_encoders(policy, dims)) or "none")
     model = build_model(cfg, dims, trainable=True)
     frozen_copy = build_model(cfg, dims, trainable=False) if needs_frozen_copy(cfg) else None
     trainable = [p for p in model.parameters() if p.requires_grad]

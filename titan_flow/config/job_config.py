@@ -160,6 +160,11 @@ class Parallelism:
         help="frozen reference policy (rl.beta > 0): shard it with FSDP2 like the policy, or keep a full copy in "
         "model.compute_dtype on every rank (no all-gathers in its forward, more memory)",
     )
+    encoder_placement: str = choices(
+        "replicate", "replicate", "shard",
+        help="frozen text encoders (e.g. SD3's T5-XXL, 4.8 B): a full copy on every rank, or sharded with FSDP2 "
+        "layer by layer (memory / shard degree, one all-gather per layer when prompts are encoded)",
+    )
     backend: str = choices("auto", "auto", "nccl", "gloo", help="auto = nccl on CUDA, gloo on CPU")
     timeout_seconds: int = doc(600, "collective timeout; a hung rank fails the job after this")
 

@@ -96,3 +96,32 @@ def parallelize_blocks(
         cpu_offload=p.fsdp_cpu_offload,
     )
     return model
+
+
+def shard_frozen_module(module: nn.Module, dims: ParallelDims) -> None:
+    """FSDP2 over a frozen module: every element of its outermost repeated layer lists, then the root.
+
+    Weights stay in the module's dtype and are freed again after each layer's forward.
+    """
+    lists = []
+    for name, child in module.named_modules():
+        if isinstance(child, nn.ModuleList) and len(child) > 1 and not any(name.startswith(f"{n}.") for n, _ in lists):
+            lists.append((name, child))
+    for _, layers in lists:
+        for layer in layers:
+            fully_shard(layer, mesh=dims.fsdp_mesh, reshard_after_forward=True)
+    fully_shard(module, mesh=dims.fsdp_mesh, reshard_after_forward=True)
+
+
+def shard_frozen_encoders(policy, dims: ParallelDims) -> list[str]:
+    """Shard the frozen text encoders a pipeline holds: its attributes that are transformers models
+    (alone or in a list), which pipelines call through `forward`. Returns the attribute names."""
+    from transformers import PreTrainedModel
+
+    sharded = []
+    for name, value in vars(policy).items():
+        for module in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(module, PreTrainedModel):
+                shard_frozen_module(module, dims)
+                sharded.append(name)
+    return sharded
