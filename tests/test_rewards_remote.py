@@ -382,10 +382,13 @@ def test_server_batches_queued_requests_and_splits_the_answers():
     threads = [threading.Thread(target=ask, args=(0, 1))]
     threads[0].start()
     assert gate.entered.wait(10)
-    for i, n, size in ((1, 2, 8), (2, 2, 8), (3, 2, 8), (4, 1, 16)):  # 4 does not fit / has another size
+    for queued, (i, n, size) in enumerate(((1, 2, 8), (2, 2, 8), (3, 2, 8), (4, 1, 16)), 1):  # 4: another size
         threads.append(threading.Thread(target=ask, args=(i, n, size)))
         threads[-1].start()
-    time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while scorer.jobs.qsize() < queued:  # queue them in this order
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     gate.release.set()
     for t in threads:
         t.join(30)
