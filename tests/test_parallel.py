@@ -260,7 +260,7 @@ def test_load_into_shards_names_what_does_not_fit(tmp_path):
     assert torch.equal(model.weight, torch.ones(3, 4))
     bad = {"weight": torch.ones(3, 5), "extra": torch.zeros(1)}
     with pytest.raises(ValueError, match=r"ckpt does not fit the model: missing keys: bias; unexpected keys: extra; "
-                                         r"wrong shapes: weight \(3, 5\) \(model: \(3, 4\)\)"):
+                                         r"wrong shapes: weight \(3, 5\) \(expected \(3, 4\)\)"):
         load_full_into_shards(model, bad, source="ckpt")
 
 

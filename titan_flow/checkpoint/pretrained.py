@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from titan_flow.models.common.state_dict import check_keys
+
 
 def local_slices(t: DTensor) -> tuple[slice, ...]:
     """The index of this rank's local shard in the full tensor (torch.chunk layout, as DTensor's Shard)."""
@@ -31,11 +33,6 @@ def local_slices(t: DTensor) -> tuple[slice, ...]:
     return tuple(slice(s, s + n) for s, n in zip(starts, lengths))
 
 
-def _listing(keys, limit: int = 10) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 @torch.no_grad()
 def load_full_into_shards(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Copy full tensors into `model`'s (possibly sharded) parameters and buffers, casting to their dtype.
@@ -44,19 +41,7 @@ def load_full_into_shards(model: nn.Module, state_dict: dict[str, torch.Tensor],
     tensor is read.
     """
     targets = model.state_dict(keep_vars=True)
-    missing, unexpected = set(targets) - set(state_dict), set(state_dict) - set(targets)
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} (model: {tuple(targets[k].shape)})"
-        for k in targets.keys() & state_dict.keys()
-        if tuple(state_dict[k].shape) != tuple(targets[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        problems = [
-            f"{what}: {_listing(keys)}"
-            for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-            if keys
-        ]
-        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
+    check_keys(state_dict, {k: t.shape for k, t in targets.items()}, f"{source} does not fit the model")
     for key, target in targets.items():
         full = state_dict[key]
         if isinstance(target, DTensor):
