@@ -191,7 +191,7 @@ def test_resume_after_kill_is_bitwise(straight, crashed, runs):
     final_ref = flat_checkpoint(step_dir(straight / "checkpoint", EPOCHS), runs)
     final = flat_checkpoint(step_dir(crashed_dir / "checkpoint", EPOCHS), runs)
     assert_same_state(final_ref, final)
-    assert final["train.global_step"] == EPOCHS and final["train.sampler.counter"] == 2 * EPOCHS
+    assert final["train.algorithm.global_step"] == EPOCHS and final["train.sampler.counter"] == 2 * EPOCHS
     # The EMA moved away from the weights (so it was really trained and restored, not just copied).
     name = next(k for k in final if k.startswith("model.") and k.endswith("proj_out.weight"))
     shadow = [v for k, v in final.items() if k.startswith("ema.") and v.shape == final[name].shape]
@@ -402,7 +402,7 @@ def test_online_dpo_resume_keeps_the_moving_reference(runs):
     shutil.copytree(step_dir(runs / "dpo_straight" / "checkpoint", 3), step_dir(folder, 3))
     check(torchrun(2, run_args(runs, "dpo_resumed", *dpo)))
     saved = flat_checkpoint(step_dir(runs / "dpo_straight" / "checkpoint", 3), runs)
-    assert saved["train.ref_synced_step"] == 4
+    assert saved["train.algorithm.ref_synced_step"] == 4
     ref = next(k for k in saved if k.startswith("reference.") and k.endswith("proj_out.weight"))
     assert not torch.equal(saved[ref], saved["model." + ref[len("reference."):]])  # the reference lags the policy
     final = [flat_checkpoint(step_dir(runs / r / "checkpoint", EPOCHS), runs) for r in ("dpo_straight", "dpo_resumed")]

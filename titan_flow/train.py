@@ -92,30 +92,19 @@ def build_model(cfg: JobConfig, dims: ParallelDims, trainable: bool, load_weight
 
 
 class TrainState(Stateful):
-    """Counters and streams that are identical on every rank: epoch, optimizer step, sampler, Fast window."""
+    """What is identical on every rank besides the weights: epoch, the sampler, the algorithm's counters."""
 
     def __init__(self, algo: OnlineAlgorithm, sampler):
         self.algo, self.sampler = algo, sampler
         self.epoch = 0
 
     def state_dict(self):
-        sd = {
-            "epoch": self.epoch,
-            "global_step": self.algo.global_step,
-            "window_rng": self.algo.window_rng.getstate(),
-            "sampler": self.sampler.state_dict(),
-        }
-        if hasattr(self.algo, "ref_synced_step"):  # online DPO/SFT: when the reference last took the policy
-            sd["ref_synced_step"] = self.algo.ref_synced_step
-        return sd
+        return {"epoch": self.epoch, "algorithm": self.algo.state_dict(), "sampler": self.sampler.state_dict()}
 
     def load_state_dict(self, sd):
         self.epoch = sd["epoch"]
-        self.algo.global_step = sd["global_step"]
-        self.algo.window_rng.setstate(sd["window_rng"])
+        self.algo.load_state_dict(sd["algorithm"])
         self.sampler.load_state_dict(sd["sampler"])
-        if "ref_synced_step" in sd:
-            self.algo.ref_synced_step = sd["ref_synced_step"]
 
 
 def build_dataset(cfg: JobConfig, split: str):

@@ -4,10 +4,10 @@ One epoch = n_b sampling rounds (rewards of a round are scored in the background
 is sampled) -> rewards gathered over ranks -> per-group advantages -> `train` (the algorithm's own
 loss) -> optimizer steps every `gradient_accumulation_steps` training batches.
 
-State that must survive a resume (beyond model, optimizer and EMA): `global_step`, `window_rng`
-(the Fast window stream) and, for online DPO/SFT, `ref_synced_step` plus the reference weights (the
-LoRA reference slot is part of the model's state dict; a full-fine-tuning frozen copy is
-`frozen.frozen_copy`).
+State that must survive a resume (beyond model, optimizer and EMA) is the algorithm's
+`state_dict()`: `global_step`, `window_rng` (the Fast window stream) and, for online DPO/SFT,
+`ref_synced_step`; their reference weights are the LoRA reference slot (part of the model's state
+dict) or the full-fine-tuning frozen copy `frozen.frozen_copy`.
 """
 
 from __future__ import annotations
@@ -79,6 +79,14 @@ class OnlineAlgorithm:
         # Fast windows come from the run's seeded stream, identical on all ranks, so a group shares its window.
         self.window_rng = random.Random(cfg.job.seed)
         self.epoch_view: GroupAdvantages | None = None
+
+    def state_dict(self) -> dict:
+        """The counters a resume restores besides model, optimizer and EMA (identical on every rank)."""
+        return {"global_step": self.global_step, "window_rng": self.window_rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = state["global_step"]
+        self.window_rng.setstate(state["window_rng"])
 
     # ------------------------------------------------------------------ rollout
     def rollout_policy(self):

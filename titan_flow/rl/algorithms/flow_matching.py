@@ -28,6 +28,13 @@ class FlowMatchingAlgorithm(OnlineAlgorithm):
         self.ref_synced_step = 0  # optimizer step at which the reference last took the policy's weights
         self._sigma_grid = None
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "ref_synced_step": self.ref_synced_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.ref_synced_step = state["ref_synced_step"]
+
     def rollout_policy(self):
         return self.frozen.reference()
 
