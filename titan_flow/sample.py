@@ -10,7 +10,6 @@ its newest complete DCP checkpoint (EMA weights when the run kept an EMA, unless
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -18,10 +17,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from titan_flow.checkpoint.manager import CheckpointError, ModelState, complete_steps, step_dir
+from titan_flow.checkpoint.manager import load_model_weights
 from titan_flow.config import build_job_config
-from titan_flow.config.manager import job_config_from_dict
 from titan_flow.distributed.utils import destroy_distributed, init_distributed
+from titan_flow.export import run_config
 from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
 from titan_flow.train import build_model, build_policy
 
@@ -42,7 +41,7 @@ def parse_args(argv):
     p.add_argument("--guidance", type=float, default=4.5, help="CFG scale (<= 1 disables CFG)")
     p.add_argument("--noise_level", type=float, default=0.0, help="SDE noise level (0 = deterministic ODE)")
     p.add_argument("--sde_type", default="sde", choices=["sde", "cps"])
-    p.add_argument("--resolution", type=int, default=0, help="image size (default: the model's / run's)")
+    p.add_argument("--resolution", type=int, default=0, help="image size (default: the run's, or 512 with --pretrained_path)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p.parse_args(argv)
@@ -60,31 +59,6 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def load_run_weights(model, run: Path, step: int, raw: bool, cfg) -> int:
-    """Load a run's checkpoint into `model`; returns the step loaded."""
-    import torch.distributed.checkpoint as dcp
-
-    from titan_flow.rl.ema import EMA
-
-    folder = run / cfg.checkpoint.folder
-    steps = complete_steps(folder)
-    if not steps:
-        raise CheckpointError(f"{folder} holds no complete checkpoint; was the run saved with checkpoint.enable = true?")
-    if step < 0:
-        step = steps[-1]
-    elif step not in steps:
-        raise CheckpointError(f"--step {step}: not a complete checkpoint in {folder}; complete: {steps}")
-    states = {"model": ModelState(model)}
-    use_ema = cfg.training.ema and not raw
-    if use_ema:
-        ema = EMA([p for p in model.parameters() if p.requires_grad])
-        states["ema"] = ema
-    dcp.load(states, checkpoint_id=str(step_dir(folder, step)))
-    if use_ema:
-        ema.copy_to([p for p in model.parameters() if p.requires_grad])
-    return step
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"
 
@@ -93,25 +67,22 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     prompts = read_prompts(args)
     if args.run:
-        run = Path(args.run)
-        config_file = run / "config.json"
-        if not config_file.is_file():
-            raise SystemExit(f"--run: {config_file} does not exist; is {run} a titan_flow run directory?")
-        cfg = job_config_from_dict(json.loads(config_file.read_text()))
+        cfg = run_config(Path(args.run), args.device)
     else:
-        cfg = build_job_config(["--model.name", args.model])
-        if args.pretrained_path:
-            cfg.model.pretrained_path = args.pretrained_path
-    cfg.training.device = args.device
-    if args.resolution:
-        cfg.model.resolution = args.resolution
+        cfg = build_job_config(["--model.name", args.model, "--model.pretrained_path", args.pretrained_path or "",
+                                "--training.device", args.device])
+    # a pretrained model samples at the reference's 512 unless told otherwise; a run at its own size
+    cfg.model.resolution = args.resolution or (512 if args.pretrained_path else cfg.model.resolution)
     dims = init_distributed(cfg)
     try:
         policy = build_policy(cfg, dims.device)
-        model = build_model(cfg, dims, trainable=bool(args.run))
         if args.run:
-            step = load_run_weights(model, Path(args.run), args.step, args.raw, cfg)
-            print(f"loaded {args.run} step {step}{' (raw weights)' if args.raw or not cfg.training.ema else ' (EMA)'}")
+            model = build_model(cfg, dims, trainable=True, load_weights=False)
+            use_ema = cfg.training.ema and not args.raw
+            step = load_model_weights(model, Path(args.run) / cfg.checkpoint.folder, args.step, use_ema=use_ema)
+            print(f"loaded {args.run} step {step} ({'EMA' if use_ema else 'raw'} weights)")
+        else:
+            model = build_model(cfg, dims, trainable=False)
         model.eval()
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
