@@ -26,7 +26,7 @@ from titan_flow.distributed.parallelize import DTYPES, shard_frozen_encoders
 from titan_flow.distributed.utils import ParallelDims, destroy_distributed, init_distributed
 from titan_flow.metrics import MetricsLogger, setup_logging
 from titan_flow.models import get_model_spec
-from titan_flow.models.common.lora import apply_lora, mark_only_lora_trainable
+from titan_flow.models.common.lora import apply_lora, initial_adapter_state, mark_only_lora_trainable
 from titan_flow.rewards import MultiReward
 from titan_flow.rl.algorithms import (
     OnlineAlgorithm, build_algorithm, is_online, needs_frozen_copy, needs_lora_reference_slot,
@@ -59,21 +59,19 @@ def build_policy(cfg: JobConfig, device: torch.device):
 def build_model(cfg: JobConfig, dims: ParallelDims, trainable: bool, load_weights: bool = True) -> torch.nn.Module:
     """The backbone, sharded with FSDP2: pretrained weights, or a random init identical on every rank.
 
-    Pretrained weights: the model is built and sharded on the meta device, then each rank reads only
-    its shards of the weights (except under LoRA, whose adapters are drawn on a real model). With
+    Pretrained weights: the model (LoRA adapters included) is built and sharded on the meta device,
+    then each rank reads only its shards of the weights and of the adapters' initial values. With
     `load_weights=False` the model is only built (meta, then empty memory) for a checkpoint to fill.
     """
     spec = get_model_spec(cfg.model.name)
     dtype = DTYPES[cfg.model.dtype]
     path = cfg.model.pretrained_path
     lora = trainable and cfg.lora.enable
-    on_meta = not load_weights or (path and not lora)
+    on_meta = not load_weights or bool(path)
     if on_meta:
         args, weights = spec.load_checkpoint(path) if path else (spec.args(cfg.model.flavor), None)
         with torch.device("meta"):
             model = spec.model_cls(args).to(dtype)
-    elif path:
-        model = spec.from_pretrained(path, dtype=dtype, device=dims.device)
     else:
         torch.manual_seed(cfg.job.seed)  # the same random init on every rank
         model = spec.build(cfg.model.flavor, device=dims.device, dtype=dtype)
@@ -87,6 +85,8 @@ def build_model(cfg: JobConfig, dims: ParallelDims, trainable: bool, load_weight
     if on_meta:
         model.to_empty(device="cpu" if cfg.parallelism.fsdp_cpu_offload else dims.device)
         if load_weights:
+            if lora:
+                weights = {**weights, **initial_adapter_state(model, cfg.job.seed)}
             load_full_into_shards(model, weights, source=f"model.pretrained_path {path}")
     return model
 

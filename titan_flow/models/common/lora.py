@@ -29,22 +29,21 @@ ADAPTERS = ("policy", "reference", None)
 
 
 class LoRALinear(nn.Linear):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, with_reference: bool, generator: torch.Generator):
+    def __init__(self, base: nn.Linear, name: str, rank: int, alpha: float, with_reference: bool):
         nn.Module.__init__(self)  # reuse the base parameters as they are: no re-init, no copy
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        self.name = name  # the state-dict prefix, for `initial_adapter_state`
         self.rank = rank
         self.scale = alpha / rank
         self.adapter: str | None = "policy"
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
-        with torch.no_grad():  # drawn on the CPU generator: the same init on every device
-            self.lora_A.copy_(torch.randn(self.lora_A.shape, generator=generator) / rank)
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
         if with_reference:
-            self.ref_lora_A = nn.Parameter(self.lora_A.detach().clone(), requires_grad=False)
-            self.ref_lora_B = nn.Parameter(self.lora_B.detach().clone(), requires_grad=False)
+            self.ref_lora_A = nn.Parameter(torch.empty_like(self.lora_A), requires_grad=False)
+            self.ref_lora_B = nn.Parameter(torch.empty_like(self.lora_B), requires_grad=False)
         else:
             self.ref_lora_A = self.ref_lora_B = None
 
@@ -91,13 +90,34 @@ def apply_lora(
             f"lora.target_modules: {unused or target_modules} match no nn.Linear of {type(model).__name__}; "
             f"patterns match a module name or its dotted suffix (e.g. 'attn.to_q'); linear layer names here: {linears}"
         )
-    generator = torch.Generator().manual_seed(seed)
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(module, rank, alpha, with_reference, generator))
+        setattr(parent, child, LoRALinear(module, name, rank, alpha, with_reference))
+    if not any(p.is_meta for p in model.parameters()):  # on the meta device the loader fills them later
+        with torch.no_grad():
+            for key, value in initial_adapter_state(model, seed).items():
+                model.get_parameter(key).copy_(value)
     mark_only_lora_trainable(model)
     return [name for name, _ in targets]
+
+
+def initial_adapter_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Every adapter's initial value by state-dict key: A ~ N(0, (1/r)^2) drawn from `seed` on the
+    CPU (the same on every rank and device), B = 0, and the reference slot equal to the adapter.
+
+    `apply_lora` fills a real model with it; a model built on the meta device gets it from the
+    sharded loader together with the pretrained weights, so no rank holds a full copy.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for m in lora_layers(model):
+        a = torch.randn(m.rank, m.in_features, generator=generator) / m.rank
+        b = torch.zeros(m.out_features, m.rank)
+        state[f"{m.name}.lora_A"], state[f"{m.name}.lora_B"] = a, b
+        if m.ref_lora_A is not None:
+            state[f"{m.name}.ref_lora_A"], state[f"{m.name}.ref_lora_B"] = a, b
+    return state
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
