@@ -8,14 +8,14 @@ keep the reference's high-noise windows.
 """
 
 import json
-import math
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from test_train_debug import reward_rise
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,12 +39,8 @@ def test_fast_window_training_raises_the_debug_reward(tmp_path):
         assert trained == [start, start + 1]  # only the window's steps are trained
         assert m["ratio/min"] == 1.0 and m["ratio/max"] == 1.0  # one round, one update: on-policy
     assert len({m["sampling/window_start"] for m in epochs}) == 3
-    rewards = [m["reward/avg_mean"] for m in epochs]
-    first, last = rewards[:10], rewards[-10:]
-    rise = statistics.mean(last) - statistics.mean(first)
-    noise = math.sqrt(statistics.pvariance(first) / 10 + statistics.pvariance(last) / 10)
-    print(f"Fast: mean reward first 10 epochs {statistics.mean(first):.5f}, last 10 {statistics.mean(last):.5f}, "
-          f"rise {rise:.5f} = {rise / noise:.1f} x noise; {time.perf_counter() - t0:.0f} s")
+    rise, noise, summary = reward_rise([m["reward/avg_mean"] for m in epochs])
+    print(f"Fast: {summary}; {time.perf_counter() - t0:.0f} s")
     assert rise > 4 * noise
     # the same scalars reach TensorBoard: the window position and the per-step ratio/clipfrac diagnostics
     (events,) = (tmp_path / "fast" / "tb").glob("events.out.tfevents.*")

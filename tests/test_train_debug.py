@@ -28,6 +28,16 @@ def torchrun(nproc: int, *args: str, timeout: int = 900) -> subprocess.Completed
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def reward_rise(rewards: list[float], window: int = 10) -> tuple[float, float, str]:
+    """Mean of the last `window` epochs minus the first `window`, the standard error of that difference
+    (the noise), and a line saying both."""
+    first, last = rewards[:window], rewards[-window:]
+    rise = statistics.mean(last) - statistics.mean(first)
+    noise = math.sqrt(statistics.pvariance(first) / window + statistics.pvariance(last) / window)
+    return rise, noise, (f"mean reward first {window} epochs {statistics.mean(first):.5f}, last {window} "
+                         f"{statistics.mean(last):.5f}, rise {rise:.5f} = {rise / noise:.1f} x noise")
+
+
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -50,13 +60,8 @@ def test_defaults_are_the_debug_job():
 def test_debug_job_reward_rises(debug_run):
     epochs = [m for m in read_metrics(debug_run) if "reward/avg_mean" in m]
     assert [m["step"] for m in epochs] == list(range(100))
-    rewards = [m["reward/avg_mean"] for m in epochs]
-    first, last = rewards[:10], rewards[-10:]
-    rise = statistics.mean(last) - statistics.mean(first)
-    # noise: the standard error of the difference of the two 10-epoch means
-    noise = math.sqrt(statistics.pvariance(first) / 10 + statistics.pvariance(last) / 10)
-    print(f"mean reward first 10 epochs {statistics.mean(first):.5f}, last 10 {statistics.mean(last):.5f}, "
-          f"rise {rise:.5f} = {rise / noise:.1f} x noise")
+    rise, noise, summary = reward_rise([m["reward/avg_mean"] for m in epochs])
+    print(summary)
     assert rise > 4 * noise
 
 
