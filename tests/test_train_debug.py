@@ -114,6 +114,7 @@ def test_sample_from_a_pretrained_pipeline_directory(tmp_path):
     assert a.returncode == 0, a.stderr[-3000:]
     b = run_sample(*args, "--out", str(tmp_path / "b"))
     c = run_sample(*args, "--noise_level", "0.7", "--out", str(tmp_path / "c"))
+    assert b.returncode == 0 and c.returncode == 0, (b.stderr + c.stderr)[-3000:]
     img = [np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in "abc"]
     assert np.array_equal(img[0], img[1])  # same seed, same image
     assert not np.array_equal(img[0], img[2])  # SDE noise changes it
