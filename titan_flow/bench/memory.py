@@ -189,8 +189,8 @@ def per_gpu(c: Counts, lora: bool, gpus: int, master: str = "float32", compute: 
 
 def table(gpus: int = 8, **precision) -> str:
     rows = [
-        f"| model | params (trained: full / LoRA) | mode | trained state | frozen weights | gathered | "
-        f"encoders + VAE | total per GPU (of 80 GB) | + reference copy |",
+        "| model | params (trained: full / LoRA) | mode | trained state | frozen weights | gathered | "
+        "encoders + VAE | total per GPU (of 80 GB) | + reference copy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for family in FAMILIES:

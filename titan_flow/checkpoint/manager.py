@@ -184,7 +184,7 @@ def verify_manifest(path: Path) -> None:
     if problems:
         raise CheckpointError(
             f"checkpoint {path} is damaged: " + "; ".join(problems)
-            + f". Delete the folder to resume from an older checkpoint, or pick one with --checkpoint.load_step"
+            + ". Delete the folder to resume from an older checkpoint, or pick one with --checkpoint.load_step"
         )
 
 

@@ -82,8 +82,8 @@ class FlowDPO(FlowMatchingAlgorithm):
         return scalars
 
     def train_batch(self, chunk, finals, draws, ga, stats, bar) -> None:
-        winners = [w for w, _ in chunk]
-        losers = [l for _, l in chunk]
+        winners = [winner for winner, _ in chunk]
+        losers = [loser for _, loser in chunk]
         prompts = [self.epoch_view.prompts[i] for i in winners]
         with torch.no_grad():
             cond = self.policy.encode(prompts + prompts, model=self.model)
