@@ -141,22 +141,27 @@ class FailureRelay:
         previous = sys.excepthook
 
         def hook(kind, value, tb):
-            relay.post("".join(traceback.format_exception(kind, value, tb)))
+            first = relay.post("".join(traceback.format_exception(kind, value, tb)))
             previous(kind, value, tb)
+            sys.stderr.flush()
+            if first:  # stay connected until the others have read it, so they stop with this cause
+                time.sleep(2 * relay.poll_seconds)  # rather than with a collective's "connection closed"
 
         sys.excepthook = hook
         threading.Thread(target=relay.watch, name="titan_flow-failure-relay", daemon=True).start()
         return relay
 
-    def post(self, text: str) -> None:
-        """Record this rank's failure unless another rank's came first (then name that one as the cause)."""
+    def post(self, text: str) -> bool:
+        """Record this rank's failure unless another rank's came first (then name that one as the cause).
+        True when this rank's failure is the one recorded."""
         mine = f"rank {self.rank} failed:\n{text}"
         try:
             first = self.store.compare_set(self.key, "", mine).decode()
         except Exception:  # the store is gone: the job is already being torn down
-            return
+            return False
         if first != mine:
             print(f"[rank{self.rank}] this error follows an earlier failure; root cause: {first}", file=sys.stderr)
+        return first == mine
 
     def watch(self) -> None:
         try:
