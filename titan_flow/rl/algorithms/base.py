@@ -25,6 +25,7 @@ from titan_flow.distributed.utils import ParallelDims, all_gather_object, all_ga
 from titan_flow.rewards import masked_mean
 from titan_flow.rl.advantage import compute_advantages
 from titan_flow.rl.algorithms.reference import FrozenPolicies
+from titan_flow.rl.metrics import StepStats
 from titan_flow.rl.rollout import (
     Trajectory,
     draw_sde_window,
@@ -174,6 +175,26 @@ class OnlineAlgorithm:
 
     def train(self, batches: list[RolloutBatch], epoch: int) -> dict[str, float]:
         raise NotImplementedError
+
+    def accumulate(self, epoch: int, units: list, num_micro_steps: int, train_unit) -> dict[str, float]:
+        """The training skeleton every algorithm shares: `rl.num_inner_epochs` passes over `units` (the
+        epoch's training batches), `train_unit(unit, stats, bar)` backpropagating one of them, and an
+        optimizer step every `gradient_accumulation_steps` units. Returns the reduced scalars."""
+        ga = self.cfg.training.gradient_accumulation_steps
+        passes = self.cfg.rl.num_inner_epochs
+        stats, grad_norms = StepStats(), []
+        self.model.train()
+        bar = tqdm(total=passes * num_micro_steps, desc=f"epoch {epoch} train", disable=not self.dims.is_main,
+                   leave=False)
+        for _ in range(passes):
+            for b, unit in enumerate(units):
+                train_unit(unit, stats, bar)
+                if (b + 1) % ga == 0:
+                    grad_norms.append(self.optimizer_step())
+        bar.close()
+        scalars = stats.reduce(self.dims) if units else {}
+        scalars.update(self.optim_scalars(grad_norms))
+        return scalars
 
     def summary(self, scalars: dict[str, float]) -> str:
         return f"reward {scalars['reward/avg_mean']:.4f}  loss {scalars.get('loss/total', float('nan')):.4g}"

@@ -19,12 +19,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from titan_flow.distributed.utils import all_gather_tensor
 from titan_flow.rl.algorithms.base import RolloutBatch
 from titan_flow.rl.algorithms.flow_matching import FlowMatchingAlgorithm
-from titan_flow.rl.metrics import StepStats
 from titan_flow.rl.rollout import trained_steps
 
 
@@ -63,22 +61,10 @@ class FlowDPO(FlowMatchingAlgorithm):
         draws = len(trained_steps(cfg.sampling.num_steps, rl.timestep_fraction, None))
         finals = all_gather_tensor(torch.cat([b.trajectory.latents[:, -1] for b in batches]))
         pairs, num_pairs = self.my_pairs(epoch)
-        stats = StepStats()
-        grad_norms = []
-        self.model.train()
-        if pairs:
-            chunks = [pairs[i::n_b] for i in range(n_b)]
-            bar = tqdm(total=rl.num_inner_epochs * n_b * draws, desc=f"epoch {epoch} train",
-                       disable=not self.dims.is_main, leave=False)
-            for _ in range(rl.num_inner_epochs):
-                for b, chunk in enumerate(chunks):
-                    self.train_batch(chunk, finals, draws, ga, stats, bar)
-                    if (b + 1) % ga == 0:
-                        grad_norms.append(self.optimizer_step())
-            bar.close()
-        scalars = stats.reduce(self.dims) if pairs else {}
+        chunks = [pairs[i::n_b] for i in range(n_b)] if pairs else []  # no pairs on any rank: nothing to train
+        scalars = self.accumulate(epoch, chunks, len(chunks) * draws,
+                                  lambda chunk, stats, bar: self.train_batch(chunk, finals, draws, ga, stats, bar))
         scalars["dpo/num_pairs"] = float(num_pairs)
-        scalars.update(self.optim_scalars(grad_norms))
         return scalars
 
     def train_batch(self, chunk, finals, draws, ga, stats, bar) -> None:

@@ -16,11 +16,9 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from tqdm import tqdm
 
 import kernels
 from titan_flow.rl.algorithms.base import OnlineAlgorithm, RolloutBatch
-from titan_flow.rl.metrics import StepStats
 from titan_flow.rl.rollout import trained_steps
 from titan_flow.rl.sde import StepOutput, sde_step
 
@@ -69,29 +67,21 @@ class GRPO(OnlineAlgorithm):
         ga = cfg.training.gradient_accumulation_steps
         guidance = cfg.sampling.guidance_scale if rl.train_cfg else 1.0
         plan = [trained_steps(cfg.sampling.num_steps, rl.timestep_fraction, b.trajectory.window) for b in batches]
-        stats = StepStats()
-        grad_norms = []
-        self.model.train()
-        bar = tqdm(total=rl.num_inner_epochs * sum(map(len, plan)), desc=f"epoch {epoch} train",
-                   disable=not self.dims.is_main, leave=False)
-        for _ in range(rl.num_inner_epochs):
-            for b, (batch, steps) in enumerate(zip(batches, plan)):
-                for j in steps:
-                    out = self.rescore(batch, j, guidance)
-                    pl = self.policy_loss(batch, j, out)
-                    loss = pl.loss
-                    if out.kl is not None:
-                        loss = loss + rl.beta * out.kl.mean()
-                    (loss / (ga * len(steps))).backward()
-                    raw = (out.log_prob.detach() - batch.trajectory.log_probs[:, j]).exp() if rl.ratio_norm else None
-                    stats.add(j, pl, loss.detach(), out.kl, raw_ratio=raw)
-                    bar.update(1)
-                if (b + 1) % ga == 0:
-                    grad_norms.append(self.optimizer_step())
-        bar.close()
-        scalars = stats.reduce(self.dims)
-        scalars.update(self.optim_scalars(grad_norms))
-        return scalars
+
+        def train_batch(unit, stats, bar):
+            batch, steps = unit
+            for j in steps:
+                out = self.rescore(batch, j, guidance)
+                pl = self.policy_loss(batch, j, out)
+                loss = pl.loss
+                if out.kl is not None:
+                    loss = loss + rl.beta * out.kl.mean()
+                (loss / (ga * len(steps))).backward()
+                raw = (out.log_prob.detach() - batch.trajectory.log_probs[:, j]).exp() if rl.ratio_norm else None
+                stats.add(j, pl, loss.detach(), out.kl, raw_ratio=raw)
+                bar.update(1)
+
+        return self.accumulate(epoch, list(zip(batches, plan)), sum(map(len, plan)), train_batch)
 
     def summary(self, sc: dict[str, float]) -> str:
         kl = f"{sc['loss/kl']:.3g}" if "loss/kl" in sc else "-"

@@ -13,11 +13,9 @@ advantage weight when beta = 0 and then fits every rollout; here the weight alwa
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
 from titan_flow.rl.algorithms.base import RolloutBatch
 from titan_flow.rl.algorithms.flow_matching import FlowMatchingAlgorithm
-from titan_flow.rl.metrics import StepStats
 
 
 class FlowSFT(FlowMatchingAlgorithm):
@@ -26,42 +24,33 @@ class FlowSFT(FlowMatchingAlgorithm):
     def train(self, batches: list[RolloutBatch], epoch: int) -> dict[str, float]:
         rl = self.cfg.rl
         ga = self.cfg.training.gradient_accumulation_steps
-        stats = StepStats()
-        grad_norms = []
-        self.model.train()
-        bar = tqdm(total=rl.num_inner_epochs * len(batches), desc=f"epoch {epoch} train",
-                   disable=not self.dims.is_main, leave=False)
-        for _ in range(rl.num_inner_epochs):
-            for b, batch in enumerate(batches):
-                x0 = batch.trajectory.latents[:, -1]
-                sigma, eps = self.draw_noise(x0)
-                kl = None
-                if rl.beta > 0:
-                    with torch.no_grad(), self.frozen.initial() as initial:
-                        _, v_initial = self.velocity_error(initial, x0, sigma, eps, batch.cond)
-                fm, v = self.velocity_error(self.model, x0, sigma, eps, batch.cond)
-                weighted = batch.advantages * fm
-                if rl.beta > 0:
-                    kl = (v - v_initial).square().flatten(1).mean(1)
-                    weighted = weighted + rl.beta * kl
-                loss = weighted.mean()
-                (loss / ga).backward()
-                record = {  # the same keys on every rank: they are all-reduced
-                    "loss/total": loss,
-                    "loss/fm": fm.mean(),
-                    "loss/fm_weighted": (batch.advantages * fm).mean(),
-                    "sft/selected_fraction": (batch.advantages > 0).float().mean(),
-                }
-                if kl is not None:
-                    record["loss/kl"] = kl.mean()
-                stats.add_scalars(record)
-                bar.update(1)
-                if (b + 1) % ga == 0:
-                    grad_norms.append(self.optimizer_step())
-        bar.close()
-        scalars = stats.reduce(self.dims)
-        scalars.update(self.optim_scalars(grad_norms))
-        return scalars
+
+        def train_batch(batch, stats, bar):
+            x0 = batch.trajectory.latents[:, -1]
+            sigma, eps = self.draw_noise(x0)
+            kl = None
+            if rl.beta > 0:
+                with torch.no_grad(), self.frozen.initial() as initial:
+                    _, v_initial = self.velocity_error(initial, x0, sigma, eps, batch.cond)
+            fm, v = self.velocity_error(self.model, x0, sigma, eps, batch.cond)
+            weighted = batch.advantages * fm
+            if rl.beta > 0:
+                kl = (v - v_initial).square().flatten(1).mean(1)
+                weighted = weighted + rl.beta * kl
+            loss = weighted.mean()
+            (loss / ga).backward()
+            record = {  # the same keys on every rank: they are all-reduced
+                "loss/total": loss,
+                "loss/fm": fm.mean(),
+                "loss/fm_weighted": (batch.advantages * fm).mean(),
+                "sft/selected_fraction": (batch.advantages > 0).float().mean(),
+            }
+            if kl is not None:
+                record["loss/kl"] = kl.mean()
+            stats.add_scalars(record)
+            bar.update(1)
+
+        return self.accumulate(epoch, batches, len(batches), train_batch)
 
     def summary(self, sc: dict[str, float]) -> str:
         kl = f"{sc['loss/kl']:.3g}" if "loss/kl" in sc else "-"
