@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from titan_flow.rewards.registry import to_uint8
+
 logger = logging.getLogger("titan_flow")
 
 
@@ -30,7 +32,7 @@ def image_grid(images: torch.Tensor, captions: list[str], cols: int = 4, caption
     rows = math.ceil(n / cols)
     canvas = Image.new("RGB", (cols * w, rows * (h + caption_height)), "white")
     draw = ImageDraw.Draw(canvas)
-    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = to_uint8(images)
     chars_per_line = max(4, w // 6)
     for i in range(n):
         r, c = divmod(i, cols)

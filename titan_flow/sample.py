@@ -21,7 +21,8 @@ from titan_flow.checkpoint.manager import load_model_weights
 from titan_flow.config import build_job_config
 from titan_flow.distributed.utils import destroy_distributed, init_distributed
 from titan_flow.export import run_config
-from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
+from titan_flow.rewards.registry import to_uint8
+from titan_flow.rl.rollout import generate_images, step_noise_levels
 from titan_flow.train import build_model, build_policy
 
 
@@ -91,13 +92,9 @@ def main(argv=None) -> int:
         levels = step_noise_levels(args.steps, args.noise_level, None)
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
-            cond = policy.encode(batch, model=model)
-            x0 = policy.initial_noise(len(batch), generator).to(dims.device)
-            traj = sample_trajectory(policy, model, cond, x0, sigmas, levels, args.sde_type, args.guidance, generator)
-            with torch.no_grad():
-                images = policy.decode(traj.latents[:, -1])
-            arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            for i, (prompt, img) in enumerate(zip(batch, arr)):
+            images = generate_images(policy, model, batch, generator, sigmas, levels, args.sde_type, args.guidance,
+                                     generator)
+            for i, (prompt, img) in enumerate(zip(batch, to_uint8(images))):
                 path = out / f"{start + i:04d}_{slug(prompt)}.png"
                 Image.fromarray(img).save(path)
                 print(path)

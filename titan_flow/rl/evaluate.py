@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from titan_flow.distributed.utils import all_gather_tensor, reshard
 from titan_flow.rewards import geneval_breakdown, reward_means
-from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
+from titan_flow.rl.rollout import generate_images, step_noise_levels
 
 
 @torch.no_grad()
@@ -37,10 +37,8 @@ def evaluate(cfg, dims, policy, model, ema, reward_fn, dataset):
             index = mine[start : start + e.batch_size]
             items = [dataset[i % n_total] for i in index]
             prompts = [p for p, _ in items]
-            cond = policy.encode(prompts, model=model)
-            x0 = policy.initial_noise(len(index), [torch.Generator().manual_seed(cfg.job.seed + i) for i in index])
-            traj = sample_trajectory(policy, model, cond, x0, sigmas, levels, "sde", e.guidance_scale)
-            imgs = policy.decode(traj.latents[:, -1])
+            seeds = [torch.Generator().manual_seed(cfg.job.seed + i) for i in index]
+            imgs = generate_images(policy, model, prompts, seeds, sigmas, levels, "sde", e.guidance_scale)
             rewards = reward_fn(imgs, prompts, [m for _, m in items], only_strict=False)
             for k, v in rewards.items():
                 scores.setdefault(k, []).append(v.float().to(dims.device))

@@ -158,3 +158,27 @@ def sample_branched_trajectory(
     _denoise(policy, model, cond, latents[-1], sigmas, noise_levels, range(branch, num_steps), sde_type,
              guidance_scale, generator, progress, latents, log_probs, means)
     return Trajectory(torch.stack(latents, dim=1), log_probs, sigmas, list(noise_levels), means, window)
+
+
+@torch.no_grad()
+def generate_images(
+    policy,
+    model: torch.nn.Module,
+    prompts: list[str],
+    initial_noise_generator,
+    sigmas: torch.Tensor,
+    noise_levels: list[float],
+    sde_type: str,
+    guidance_scale: float,
+    noise_generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Prompts -> float NCHW images in [0, 1]: encode, sample from fresh initial noise, decode.
+
+    `initial_noise_generator` is a generator or one per prompt (Policy.initial_noise);
+    `noise_generator` draws the SDE steps' noise.
+    """
+    cond = policy.encode(prompts, model=model)
+    x0 = policy.initial_noise(len(prompts), initial_noise_generator)
+    traj = sample_trajectory(policy, model, cond, x0, sigmas, noise_levels, sde_type, guidance_scale, noise_generator)
+    return policy.decode(traj.latents[:, -1])
+
