@@ -16,7 +16,7 @@ from titan_flow.rl.advantage import compute_advantages
 from titan_flow.rl.algorithms.dpo import FlowDPO, preference_pairs
 from titan_flow.rl.algorithms.grpo import GRPO
 from titan_flow.rl.rollout import draw_sde_window, sample_branched_trajectory, step_noise_levels, trained_steps
-from titan_flow.rl.schedule import static_shift_sigmas
+from titan_flow.models.common.schedules import static_shift_sigmas
 from titan_flow.rl.sde import sde_step
 from titan_flow.train import main
 

@@ -22,7 +22,7 @@ from titan_flow.models.bagel.pipeline import (
 )
 from titan_flow.models.bagel.state_dict_adapter import from_pretrained, save_pretrained
 from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
-from titan_flow.rl.schedule import shifted_linear_sigmas
+from titan_flow.models.common.schedules import shifted_linear_sigmas
 from titan_flow.rl.sde import sde_step
 
 ARGS = FLAVORS["debug"]

@@ -71,3 +71,33 @@ def test_toml_errors(tmp_path):
 def test_shipped_configs_load(path):
     cfg = build_job_config(["--job.config_file", str(path)])
     assert cfg.job.run_name
+
+
+def test_auto_fields_take_the_debug_values_for_a_random_flavor():
+    cfg = build_job_config([])
+    assert (cfg.model.resolution, cfg.model.max_sequence_length) == (64, 16)
+    assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale) == (8, 4.5)
+    assert (cfg.eval.num_steps, cfg.eval.guidance_scale, cfg.optimizer.lr) == (16, 4.5, 5e-3)
+
+
+def test_auto_fields_take_the_pretrained_pipelines_defaults(tmp_path):
+    """A recipe that leaves out the text length or resolution gets the published pipeline's, never the
+    debug job's 16 tokens at 64 px; what the recipe sets wins, and "auto" can be written explicitly."""
+    from titan_flow.models.sd3.pipeline import build_tiny_sd3_pipeline_dir
+
+    pipe = build_tiny_sd3_pipeline_dir(tmp_path / "pipe")
+    cfg = build_job_config(["--model.pretrained_path", str(pipe)])
+    assert cfg.model.resolution == 16 * 8  # the tiny transformer's sample_size x the VAE's 8x
+    assert cfg.model.max_sequence_length == 256
+    assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale) == (28, 7.0)
+    assert (cfg.eval.num_steps, cfg.eval.guidance_scale, cfg.optimizer.lr) == (28, 7.0, 3e-4)
+    path = write(tmp_path, "[model]\nmax_sequence_length = 128\nresolution = 'auto'\n")
+    cfg = build_job_config(["--job.config_file", path, "--model.pretrained_path", str(pipe), "--eval.num_steps", "40"])
+    assert (cfg.model.max_sequence_length, cfg.model.resolution, cfg.eval.num_steps) == (128, 128, 40)
+
+
+def test_auto_fields_fail_naming_the_cause(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.pretrained_path: .* is not a directory"):
+        build_job_config(["--model.pretrained_path", str(tmp_path / "missing")])
+    with pytest.raises(ConfigError, match="model.resolution: expected an integer, got 'big'"):
+        build_job_config(["--model.resolution", "big"])

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from titan_flow.checkpoint.manager import step_dir
-from titan_flow.models.common.lora import apply_lora
+from titan_flow.peft.lora import apply_lora
 from titan_flow.models.sd3 import FLAVORS, SD3Transformer
 
 REPO = Path(__file__).resolve().parents[1]

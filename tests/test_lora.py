@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from titan_flow.models import get_model_spec
-from titan_flow.models.common.lora import (
+from titan_flow.peft.lora import (
     LoRALinear,
     active_adapter,
     apply_lora,
@@ -232,7 +232,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from titan_flow.config import build_job_config
 from titan_flow.distributed.utils import destroy_distributed, init_distributed
 from titan_flow.models import get_model_spec
-from titan_flow.models.common.lora import apply_lora
+from titan_flow.peft.lora import apply_lora
 from titan_flow.train import build_model
 
 directory = sys.argv[1]

@@ -9,7 +9,7 @@ import torch
 
 from titan_flow.config import build_job_config
 from titan_flow.models import get_model_spec
-from titan_flow.models.common.lora import apply_lora
+from titan_flow.peft.lora import apply_lora
 from titan_flow.rewards import reward_names
 from titan_flow.train import main
 

@@ -6,7 +6,7 @@ import random
 import torch
 
 from titan_flow.rl.rollout import draw_sde_window, prompt_seed, sample_trajectory, step_noise_levels, trained_steps
-from titan_flow.rl.schedule import static_shift_sigmas
+from titan_flow.models.common.schedules import static_shift_sigmas
 from titan_flow.rl.sde import sde_step
 
 

@@ -4,7 +4,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_flux_shift
 
-from titan_flow.rl.schedule import dynamic_shift_sigmas, flux_mu, shifted_linear_sigmas, static_shift_sigmas
+from titan_flow.models.common.schedules import dynamic_shift_sigmas, flux_mu, shifted_linear_sigmas, static_shift_sigmas
 
 # Tables from reference/flow_grpo_algorithm.md section 1.2 (512x512 images, 4 decimals).
 SD3_T10 = [1.000, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]

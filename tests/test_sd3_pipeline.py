@@ -2,15 +2,21 @@
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
+from PIL import Image
 
 from titan_flow.models import get_model_spec
 from titan_flow.models.sd3.pipeline import SD3Pipeline, build_tiny_sd3_pipeline_dir
 from titan_flow.rl.rollout import sample_trajectory
 
+REPO = Path(__file__).resolve().parents[1]
 RESOLUTION = 96  # latent 12x12 -> 6x6 tokens, centre-cropped from the debug flavor's 16x16 pos-embed grid
 MAX_SEQ = 24
 NUM_STEPS = 6
@@ -276,3 +282,37 @@ def test_load_errors(tiny_dir, tmp_path):
 def test_encode_rejects_images(ours):
     with pytest.raises(ValueError, match="text-to-image only"):
         ours.encode(["a cat"], images=[torch.zeros(3, 8, 8)])
+
+
+def _sample_cli(tiny_dir, out_dir, *extra: str) -> np.ndarray:
+    """`python -m titan_flow.sample --pretrained_path` at its defaults -> uint8 (N, H, W, 3) of its PNGs."""
+    argv = ["--pretrained_path", str(tiny_dir), "--device", "cpu", "--seed", "5", "--out", str(out_dir)]
+    argv += [arg for prompt in CLI_PROMPTS for arg in ("--prompt", prompt)]
+    proc = subprocess.run([sys.executable, "-m", "titan_flow.sample", *argv, *extra], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(Path(out_dir).glob("*.png"))])
+
+
+# More than 16 T5 tokens each (the debug job's text length), fewer than diffusers' default 256.
+CLI_PROMPTS = [
+    "a photo of a red cat with two blue dogs on a green car in the house, " * 2,
+    "a sign that says three four, a tree and a person with an image of the dog",
+]
+
+
+def test_sample_cli_reproduces_diffusers_pipeline_at_its_defaults(tiny_dir, reference, tmp_path):
+    """The CLI's PNGs = StableDiffusion3Pipeline(prompts, generator) at the pipeline's own defaults (height
+    from the transformer's sample_size, 28 steps, CFG 7.0, 256 T5 tokens): within 1 uint8 level."""
+    assert all(len(reference.tokenizer_3(p).input_ids) > 16 for p in CLI_PROMPTS)
+    expected = reference(CLI_PROMPTS, generator=torch.Generator().manual_seed(5), output_type="np").images
+    expected = (expected * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
+    ours = _sample_cli(tiny_dir, tmp_path / "defaults")
+    assert ours.shape == expected.shape == (2, 128, 128, 3)
+    level_diff = np.abs(ours.astype(int) - expected.astype(int)).max()
+    print(f"sample CLI vs StableDiffusion3Pipeline at its defaults: max {level_diff} uint8 levels")
+    assert expected.std() > 10  # a real picture, so agreement is meaningful
+    assert level_diff <= 1
+    # The test can fail: cutting the prompts to the debug job's 16 T5 tokens changes the images.
+    cut = _sample_cli(tiny_dir, tmp_path / "cut", "--max_sequence_length", "16")
+    assert np.abs(cut.astype(int) - expected.astype(int)).max() > 1

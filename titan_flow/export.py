@@ -24,7 +24,7 @@ from titan_flow.config.manager import job_config_from_dict
 from titan_flow.distributed.parallelize import DTYPES
 from titan_flow.distributed.utils import destroy_distributed, init_distributed
 from titan_flow.models import get_model_spec
-from titan_flow.models.common.lora import has_lora, merge_lora_state_dict
+from titan_flow.peft.lora import has_lora, merge_lora_state_dict
 from titan_flow.train import build_model
 
 

@@ -4,7 +4,10 @@
     python -m titan_flow.sample --run outputs/debug [--step 20] [--raw] --prompt_file prompts.txt --out samples/
 
 With --run, the run's config.json rebuilds the same model and pipeline, and the weights come from
-its newest complete DCP checkpoint (EMA weights when the run kept an EMA, unless --raw).
+its newest complete DCP checkpoint (EMA weights when the run kept an EMA, unless --raw); the sampler
+defaults to the run's eval settings. With --pretrained_path it defaults to the family's published
+pipeline (for SD3: the directory's native resolution, 28 steps, CFG 7.0, 256 T5 tokens), so the PNGs
+are the ones diffusers' pipeline makes from the same seed.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ def parse_args(argv):
     p.add_argument("--prompt_file", help="text file, one prompt per line")
     p.add_argument("--out", default="samples", help="output folder for the PNGs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=40, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=4.5, help="CFG scale (<= 1 disables CFG)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the run's eval steps, or the pipeline's)")
+    p.add_argument("--guidance", type=float, help="CFG scale, <= 1 disables CFG (default: the run's eval, or the pipeline's)")
     p.add_argument("--noise_level", type=float, default=0.0, help="SDE noise level (0 = deterministic ODE)")
     p.add_argument("--sde_type", default="sde", choices=["sde", "cps"])
-    p.add_argument("--resolution", type=int, default=0, help="image size (default: the run's, or 512 with --pretrained_path)")
+    p.add_argument("--resolution", type=int, help="image size (default: the run's, or the pipeline's)")
+    p.add_argument("--max_sequence_length", type=int, help="text tokens (default: the run's, or the pipeline's)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p.parse_args(argv)
@@ -72,8 +76,11 @@ def main(argv=None) -> int:
     else:
         cfg = build_job_config(["--model.name", args.model, "--model.pretrained_path", args.pretrained_path or "",
                                 "--training.device", args.device])
-    # a pretrained model samples at the reference's 512 unless told otherwise; a run at its own size
-    cfg.model.resolution = args.resolution or (512 if args.pretrained_path else cfg.model.resolution)
+    for value, section, key in ((args.resolution, cfg.model, "resolution"),
+                                (args.max_sequence_length, cfg.model, "max_sequence_length"),
+                                (args.steps, cfg.eval, "num_steps"), (args.guidance, cfg.eval, "guidance_scale")):
+        if value is not None:
+            setattr(section, key, value)
     dims = init_distributed(cfg)
     try:
         policy = build_policy(cfg, dims.device)
@@ -88,11 +95,12 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         generator = torch.Generator(device=dims.device).manual_seed(args.seed)
-        sigmas = policy.sigmas(args.steps)
-        levels = step_noise_levels(args.steps, args.noise_level, None)
+        steps = cfg.eval.num_steps
+        sigmas = policy.sigmas(steps)
+        levels = step_noise_levels(steps, args.noise_level, None)
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
-            images = generate_images(policy, model, batch, generator, sigmas, levels, args.sde_type, args.guidance,
+            images = generate_images(policy, model, batch, generator, sigmas, levels, args.sde_type, cfg.eval.guidance_scale,
                                      generator)
             for i, (prompt, img) in enumerate(zip(batch, to_uint8(images))):
                 path = out / f"{start + i:04d}_{slug(prompt)}.png"

@@ -26,7 +26,7 @@ from titan_flow.distributed.parallelize import DTYPES, shard_frozen_encoders
 from titan_flow.distributed.utils import ParallelDims, destroy_distributed, init_distributed
 from titan_flow.metrics import MetricsLogger, setup_logging
 from titan_flow.models import get_model_spec
-from titan_flow.models.common.lora import apply_lora, initial_adapter_state, mark_only_lora_trainable
+from titan_flow.peft.lora import apply_lora, initial_adapter_state, mark_only_lora_trainable
 from titan_flow.rewards import MultiReward
 from titan_flow.rl.algorithms import (
     OnlineAlgorithm, build_algorithm, is_online, needs_frozen_copy, needs_lora_reference_slot,

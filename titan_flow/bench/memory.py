@@ -152,7 +152,7 @@ class Counts:
 
 
 def count(family: Family) -> Counts:
-    from titan_flow.models.common.lora import apply_lora, lora_parameters
+    from titan_flow.peft.lora import apply_lora, lora_parameters
 
     with torch.device("meta"):
         model = family.backbone()

@@ -11,6 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# Fields whose right value depends on the weights are "auto" (None) until config.manager fills them from
+# the model family (models/registry.py: ModelSpec.config_defaults).
+AUTO = (
+    "; auto (the default) = the family's published pipeline default with model.pretrained_path, the debug "
+    "job's value for a random-init flavor"
+)
+
+
 def choices(default, *allowed, help: str = ""):
     """A field whose value must be one of `allowed` (checked by config.manager)."""
     return field(default=default, metadata={"choices": allowed, "help": help})
@@ -40,8 +48,8 @@ class Model:
     compute_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the forward pass (FSDP mixed-precision param dtype)")
     encoder_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of frozen text encoders")
     vae_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the frozen VAE")
-    resolution: int = doc(64, "image height and width in pixels")
-    max_sequence_length: int = doc(16, "T5/LLM text tokens (the reference uses 128 for SD3 training)")
+    resolution: int | None = doc(None, "image height and width in pixels" + AUTO)
+    max_sequence_length: int | None = doc(None, "T5/LLM text tokens (the reference uses 128 for SD3 training)" + AUTO)
     trainable: str = choices(
         "all", "all", "gen_expert",
         help="which weights train: all, or only Bagel's generation expert (its MoT gen weights, as the reference)",
@@ -50,8 +58,8 @@ class Model:
 
 @dataclass
 class Sampling:
-    num_steps: int = doc(8, "denoising steps during rollout")
-    guidance_scale: float = doc(4.5, "CFG scale during rollout (<= 1 disables CFG)")
+    num_steps: int | None = doc(None, "denoising steps during rollout" + AUTO)
+    guidance_scale: float | None = doc(None, "CFG scale during rollout (<= 1 disables CFG)" + AUTO)
     noise_level: float = doc(1.0, "SDE noise level a")
     sde_type: str = choices("sde", "sde", "cps", help="stochastic step used inside the SDE window")
     negative_prompt: str = doc("", "prompt of the unconditional CFG branch")
@@ -118,7 +126,11 @@ class Lora:
 @dataclass
 class Optimizer:
     name: str = choices("adamw", "adamw", help="optimizer")
-    lr: float = doc(5e-3, "learning rate (constant, as the reference; its recipes use 3e-4 or 1e-4)")
+    lr: float | None = doc(
+        None,
+        "learning rate (constant, as the reference; its recipes use 3e-4 or 1e-4); auto = 3e-4 (the reference's "
+        "base config) with model.pretrained_path, 5e-3 for a random-init flavor",
+    )
     beta1: float = doc(0.9, "AdamW beta1")
     beta2: float = doc(0.999, "AdamW beta2")
     weight_decay: float = doc(1e-4, "AdamW weight decay")
@@ -229,8 +241,8 @@ class Data:
 @dataclass
 class Eval:
     freq: int = doc(25, "evaluate every this many epochs (0 = never)")
-    num_steps: int = doc(16, "ODE steps during eval (the reference: 40 for SD3)")
-    guidance_scale: float = doc(4.5, "CFG scale during eval")
+    num_steps: int | None = doc(None, "ODE steps during eval (the reference: 40 for SD3)" + AUTO)
+    guidance_scale: float | None = doc(None, "CFG scale during eval" + AUTO)
     batch_size: int = doc(8, "prompts per rank per eval batch")
     max_prompts: int = doc(0, "evaluate on at most this many test prompts (0 = all)")
 

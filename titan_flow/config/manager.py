@@ -37,8 +37,21 @@ def _field_types(section_obj) -> dict[str, Any]:
     return {f.name: (hints[f.name], f) for f in dataclasses.fields(section_obj)}
 
 
+def _optional_inner(typ: Any) -> Any | None:
+    """T for a field typed `T | None` (an "auto" field), else None."""
+    args = typing.get_args(typ)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
 def _coerce(name: str, value: Any, typ: Any, from_cli: bool) -> Any:
     """Convert `value` to `typ`; CLI values arrive as strings, TOML values already typed."""
+    inner = _optional_inner(typ)
+    if inner is not None:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        return _coerce(name, value, inner, from_cli)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -158,6 +171,39 @@ def parse_cli_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
+def auto_fields(cfg: JobConfig) -> list[str]:
+    """"section.field" of every field still on auto (None)."""
+    return [
+        f"{section}.{f.name}"
+        for section, obj in _sections(cfg).items()
+        for f in dataclasses.fields(obj)
+        if getattr(obj, f.name) is None
+    ]
+
+
+def resolve_auto(cfg: JobConfig) -> None:
+    """Fill the auto fields from the model family: the published pipeline's defaults for
+    model.pretrained_path, the debug job's values for a random-init flavor."""
+    pending = auto_fields(cfg)
+    if not pending:
+        return
+    from titan_flow.models import get_model_spec
+
+    try:
+        defaults = get_model_spec(cfg.model.name).config_defaults(cfg.model.pretrained_path)
+    except (KeyError, NotImplementedError, FileNotFoundError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ConfigError(f"cannot fill {', '.join(pending)} (auto) from model {cfg.model.name!r}: {message}") from None
+    sections = _sections(cfg)
+    for dotted in pending:
+        if dotted not in defaults:
+            raise ConfigError(f"{dotted} is auto but the {cfg.model.name!r} family gives it no default; set it")
+        section, key = dotted.split(".")
+        _set(cfg, section, key, defaults[dotted], from_cli=False)
+        if getattr(sections[section], key) is None:
+            raise ConfigError(f"{dotted}: the {cfg.model.name!r} family's default is None")
+
+
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks that a single field's type cannot express."""
     s, rl = cfg.sampling, cfg.rl
@@ -270,6 +316,7 @@ def build_job_config(argv: list[str] | None = None) -> JobConfig:
                 _set(cfg, section, key, value, from_cli=False)
     for section, key, value in overrides:
         _set(cfg, section, key, value, from_cli=True)
+    resolve_auto(cfg)
     validate(cfg)
     return cfg
 
@@ -280,6 +327,7 @@ def job_config_from_dict(data: dict) -> JobConfig:
     for section, table in data.items():
         for key, value in table.items():
             _set(cfg, section, key, value, from_cli=False)
+    resolve_auto(cfg)
     validate(cfg)
     return cfg
 

@@ -15,6 +15,11 @@ The Policy interface every `pipeline_cls` implements (all rl/ ever sees of a fam
 
 `model` is passed to `encode` because some families (Bagel) encode the prompt with the backbone
 itself; families with separate text encoders ignore it.
+
+Generation settings whose right value depends on the weights (resolution, text length, steps,
+guidance, learning rate) are "auto" in the job config until `config_defaults` fills them: the
+published pipeline's defaults for a pretrained directory, the debug job's values for a random flavor.
+So a debug value never silently applies to a real model when a recipe leaves a field out.
 """
 
 from __future__ import annotations
@@ -30,6 +35,36 @@ import torch.nn as nn
 FAMILIES = ("sd3", "flux", "qwen_image", "bagel")
 PORTED = ("sd3", "bagel")
 
+# The embedded debug job's values of the "auto" fields, for every random-init flavor.
+DEBUG_DEFAULTS = {
+    "model.resolution": 64,
+    "model.max_sequence_length": 16,
+    "sampling.num_steps": 8,
+    "sampling.guidance_scale": 4.5,
+    "eval.num_steps": 16,
+    "eval.guidance_scale": 4.5,
+    "optimizer.lr": 5e-3,
+}
+# Pretrained weights are fine-tuned at the reference's base learning rate (flow_grpo config/base.py),
+# not at the debug job's 5e-3, which is sized for a random-init toy.
+PRETRAINED_LR = 3e-4
+
+
+def pipeline_defaults(
+    resolution: int, max_sequence_length: int, num_steps: int, guidance_scale: float
+) -> dict[str, float | int]:
+    """The "auto" fields for a pretrained family, from its published pipeline's call defaults: rollout and
+    eval sample as the pipeline does unless the recipe says otherwise."""
+    return {
+        "model.resolution": resolution,
+        "model.max_sequence_length": max_sequence_length,
+        "sampling.num_steps": num_steps,
+        "sampling.guidance_scale": guidance_scale,
+        "eval.num_steps": num_steps,
+        "eval.guidance_scale": guidance_scale,
+        "optimizer.lr": PRETRAINED_LR,
+    }
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -41,6 +76,9 @@ class ModelSpec:
     from_diffusers: Callable[[dict], dict]  # the published key format -> ours
     pipeline_cls: type
     parallelize: Callable[..., nn.Module]  # (model, dims, cfg, trainable) -> model
+    # pretrained_path (a non-empty local directory) -> `pipeline_defaults(...)` read from that directory
+    # (e.g. the resolution its transformer was trained at); random flavors get DEBUG_DEFAULTS.
+    pretrained_defaults: Callable[[str], dict[str, Any]]
     pipeline_options: Callable[[Any], dict] = lambda cfg: {}  # JobConfig -> family-specific load() keywords
     # (path, device) -> (args, our state dict) without building the model; on the CPU the tensors are
     # safetensors' memory maps, so a rank that copies only its shard reads only that shard's bytes.
@@ -48,6 +86,10 @@ class ModelSpec:
     # (our full state dict, args, out_dir, max_shard_size) -> the directory written in the family's
     # published format (diffusers families: <out_dir>/transformer); used by `python -m titan_flow.export`.
     export_fn: Callable[..., Path] | None = None
+
+    def config_defaults(self, pretrained_path: str) -> dict[str, Any]:
+        """{"section.field": value} for the job-config fields left on "auto"."""
+        return self.pretrained_defaults(pretrained_path) if pretrained_path else dict(DEBUG_DEFAULTS)
 
     def args(self, flavor: str):
         if flavor not in self.flavors:

@@ -5,7 +5,7 @@ from pathlib import Path
 from titan_flow.models.bagel.args import FLAVORS, BagelArgs, VitArgs
 from titan_flow.models.bagel.model import Bagel
 from titan_flow.models.bagel.parallelize import parallelize_bagel
-from titan_flow.models.bagel.pipeline import BagelPipeline
+from titan_flow.models.bagel.pipeline import BagelPipeline, pretrained_defaults
 from titan_flow.models.bagel.state_dict_adapter import (
     from_bagel,
     from_pretrained,
@@ -24,6 +24,7 @@ SPEC = ModelSpec(
     from_diffusers=from_bagel,
     pipeline_cls=BagelPipeline,
     parallelize=parallelize_bagel,
+    pretrained_defaults=pretrained_defaults,
     load_checkpoint_fn=load_checkpoint,
     # Bagel's own format (ema.safetensors + llm/vit configs); copy the tokenizer and ae.safetensors beside it.
     export_fn=lambda sd, args, out, max_shard_size: save_pretrained(sd, args, out) or Path(out),

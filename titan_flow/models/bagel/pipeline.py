@@ -33,7 +33,8 @@ from titan_flow.models.bagel.model import (
     unpatchify_latents,
 )
 from titan_flow.models.bagel.state_dict_adapter import SPECIAL_TOKENS
-from titan_flow.rl.schedule import shifted_linear_sigmas
+from titan_flow.models.common.schedules import shifted_linear_sigmas
+from titan_flow.models.registry import pipeline_defaults
 
 AE_NAME = "ae.safetensors"
 # Bagel's `load_ae`: the FLUX VAE's latent normalisation, applied outside the network.
@@ -203,6 +204,18 @@ def _pixels(image: Image.Image, height: int, width: int) -> torch.Tensor:
 # The Policy
 
 
+def pretrained_defaults(pretrained_path: str) -> dict:
+    """Bagel's inferencer defaults: 1024 x 1024, 50 timesteps (49 steps), text CFG 4.0; it never truncates
+    prompts, so the text limit (512) only guards runaway ones."""
+    root = Path(pretrained_path)
+    if not (root / AE_NAME).is_file():
+        raise FileNotFoundError(
+            f"model.pretrained_path: {root / AE_NAME} does not exist; give a Bagel directory "
+            "(e.g. a snapshot of ByteDance-Seed/BAGEL-7B-MoT) holding ae.safetensors and the Qwen2 tokenizer"
+        )
+    return pipeline_defaults(resolution=1024, max_sequence_length=512, num_steps=49, guidance_scale=4.0)
+
+
 class BagelPipeline:
     """Prompt KV caches, CFG velocity, noise, decoding and sigmas for Bagel."""
 
@@ -278,11 +291,7 @@ class BagelPipeline:
         from transformers import AutoTokenizer
 
         root = Path(pretrained_path)
-        if not (root / AE_NAME).is_file():
-            raise FileNotFoundError(
-                f"model.pretrained_path: {root / AE_NAME} does not exist; give a Bagel directory "
-                "(e.g. a snapshot of ByteDance-Seed/BAGEL-7B-MoT) holding ae.safetensors and the Qwen2 tokenizer"
-            )
+        pretrained_defaults(pretrained_path)  # checks the directory holds Bagel's files
         tokenizer = AutoTokenizer.from_pretrained(root)
         return cls(tokenizer=tokenizer, vae=load_flux_vae(root / AE_NAME, vae_dtype, device), **kwargs)
 

@@ -6,7 +6,7 @@ from titan_flow.models.registry import ModelSpec
 from titan_flow.models.sd3.args import FLAVORS, SD3Args
 from titan_flow.models.sd3.model import SD3Transformer
 from titan_flow.models.sd3.parallelize import parallelize_sd3
-from titan_flow.models.sd3.pipeline import SD3Pipeline
+from titan_flow.models.sd3.pipeline import SD3Pipeline, pretrained_defaults
 from titan_flow.models.sd3.state_dict_adapter import (
     from_diffusers,
     from_pretrained,
@@ -24,6 +24,7 @@ SPEC = ModelSpec(
     from_diffusers=from_diffusers,
     pipeline_cls=SD3Pipeline,
     parallelize=parallelize_sd3,
+    pretrained_defaults=pretrained_defaults,
     load_checkpoint_fn=load_checkpoint,
     export_fn=lambda sd, args, out, max_shard_size: save_diffusers(sd, args, Path(out) / "transformer", max_shard_size),
 )

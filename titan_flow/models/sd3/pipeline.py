@@ -19,8 +19,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from titan_flow.models.common.schedules import NUM_TRAIN_TIMESTEPS, static_shift_sigmas
+from titan_flow.models.registry import pipeline_defaults
 from titan_flow.models.sd3.args import FLAVORS
-from titan_flow.rl.schedule import NUM_TRAIN_TIMESTEPS, static_shift_sigmas
 
 # What `load` needs in each subfolder: any one of the alternatives (a tuple of files that must all exist).
 _LAYOUT = {
@@ -70,6 +71,18 @@ def _read_scheduler_config(root: Path) -> tuple[float, float | None]:
             f"{path}: num_train_timesteps must be {NUM_TRAIN_TIMESTEPS}, got {config['num_train_timesteps']}"
         )
     return float(config.get("shift", 1.0)), config.get("shift_terminal")
+
+
+def pretrained_defaults(pretrained_path: str) -> dict:
+    """`StableDiffusion3Pipeline.__call__`'s defaults for this directory: 28 steps, CFG 7.0, 256 T5 tokens,
+    and height = width = the transformer's `sample_size` x the VAE's downsampling (1024 for SD3.5)."""
+    root = Path(pretrained_path)
+    _check_layout(root)
+    transformer_config = root / "transformer" / "config.json"  # absent when the weights are an SAI single file
+    sample_size = json.loads(transformer_config.read_text())["sample_size"] if transformer_config.is_file() else 128
+    vae_blocks = json.loads((root / "vae" / "config.json").read_text())["block_out_channels"]
+    resolution = sample_size * 2 ** (len(vae_blocks) - 1)
+    return pipeline_defaults(resolution=resolution, max_sequence_length=256, num_steps=28, guidance_scale=7.0)
 
 
 class SD3Pipeline:

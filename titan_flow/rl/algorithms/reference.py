@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from titan_flow.distributed.utils import reshard
-from titan_flow.models.common.lora import active_adapter, has_lora, sync_reference_adapter
+from titan_flow.peft.lora import active_adapter, has_lora, sync_reference_adapter
 
 
 class FrozenPolicies:
