@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 FAMILIES = ("sd3", "flux", "qwen_image", "bagel")
-PORTED = ("sd3", "bagel")
+PORTED = ("sd3", "qwen_image", "bagel")
 
 # The embedded debug job's values of the "auto" fields, for every random-init flavor.
 DEBUG_DEFAULTS = {

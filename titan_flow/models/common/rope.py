@@ -1,7 +1,12 @@
-"""Half-split rotary position embedding (the HF Llama/Qwen2 convention, used by Bagel's LLM).
+"""Rotary position embeddings in the two layouts the backbones use.
 
-Rotation pairs are (x[j], x[j + d/2]), not the interleaved (x[2j], x[2j+1]) of FLUX / Qwen-Image:
-mixing the two conventions up is the classic porting bug, so this file holds only the half-split one.
+- Half-split (HF Llama/Qwen2, Bagel's LLM): rotation pairs are (x[j], x[j + d/2]); `rope_cos_sin` +
+  `apply_rope`.
+- Interleaved (FLUX, Qwen-Image): pairs are (x[2j], x[2j+1]), i.e. x viewed as d/2 complex numbers
+  multiplied by exp(i * angle); `rope_angles` (one table per position axis, concatenated by the
+  model) + `apply_interleaved_rope`.
+
+Mixing the two layouts up is the classic porting bug, so each function says which one it is.
 """
 
 from __future__ import annotations
@@ -9,17 +14,23 @@ from __future__ import annotations
 import torch
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of 1-D integer positions, each (N, head_dim) in fp32.
+def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    """Angles position * theta^(-2i/dim), i < dim/2, as an (N, dim/2) fp32 table.
 
-    Frequencies are theta^(-2i/d); the angle table is [freqs | freqs] so that it lines up with
-    `rotate_half`. Computed in fp32 whatever the model dtype (as HF does), because bf16 cannot
-    represent position * frequency for positions in the hundreds.
+    Computed in fp32 whatever the model dtype (as HF and diffusers' Qwen-Image do), because bf16
+    cannot represent position * frequency for positions in the hundreds. Positions may be negative
+    (Qwen-Image centres its image grid on 0).
     """
-    if head_dim % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    if dim % 2:
+        raise ValueError(f"RoPE needs an even dimension, got {dim}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim))
+    return positions.float()[:, None] * inv_freq[None, :]
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-split layout: cos/sin tables of 1-D positions, each (N, head_dim) in fp32, [freqs | freqs]
+    so that they line up with `rotate_half`."""
+    angles = rope_angles(positions, head_dim, theta)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -30,7 +41,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (N, heads, head_dim) by per-token tables (N, head_dim).
+    """Half-split layout: rotate x (N, heads, head_dim) by per-token tables (N, head_dim).
 
     The tables are cast to x's dtype first and the rotation runs in that dtype, as in HF Qwen2, so
     low-precision runs round where the reference rounds.
@@ -38,3 +49,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos = cos.to(x.dtype)[:, None, :]
     sin = sin.to(x.dtype)[:, None, :]
     return x * cos + rotate_half(x) * sin
+
+
+def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved layout: rotate the pairs (x[..., 2j], x[..., 2j+1]) of x (..., L, D) by per-token
+    tables cos, sin of shape (L, D/2).
+
+    This is the complex product (x_2j + i x_2j+1) * exp(i angle_j), computed in fp32 and cast back to
+    x's dtype, as diffusers' FLUX / Qwen-Image do; real tables keep complex tensors away from FSDP.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)

@@ -3,8 +3,7 @@
 Every function returns T denoising steps as T+1 sigmas ending in an exact 0. The SD3 schedule is
 computed the way diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps` computes it, so the
 sigmas (and the timesteps 1000*sigma the SD3 backbone sees) are bitwise those of the published
-pipelines; the dynamic (FLUX / Qwen-Image) schedules are computed in float64 and agree with diffusers
-to float32 rounding.
+pipelines; so are the dynamic (FLUX / Qwen-Image) schedules, which diffusers computes in float32.
 """
 
 from __future__ import annotations
@@ -36,11 +35,16 @@ def _shift_exponential(sigma, mu: float):
     return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
 
 
-def _stretch_to_terminal(sigmas: torch.Tensor, shift_terminal: float) -> torch.Tensor:
+def _stretch_to_terminal(sigmas, shift_terminal: float):
     """Rescale 1 - sigma so that the last non-zero sigma becomes `shift_terminal` (Qwen-Image uses 0.02)."""
     if not 0.0 < shift_terminal < 1.0:
         raise ValueError(f"shift_terminal must lie in (0, 1), got {shift_terminal}")
     one_minus = 1 - sigmas
+    if one_minus[-1] == 0:
+        raise ValueError(
+            f"shift_terminal={shift_terminal} stretches the last sigma away from 1, so it needs num_steps >= 2 "
+            "(a single step ends at sigma 1)"
+        )
     scale = one_minus[-1] / (1 - shift_terminal)
     return 1 - one_minus / scale
 
@@ -73,24 +77,27 @@ def flux_mu(
 ) -> float:
     """Resolution-dependent shift exponent: linear in the number of packed latent tokens.
 
-    FLUX defaults; Qwen-Image passes max_seq=8192, max_shift=0.9 (its scheduler config).
+    FLUX defaults; Qwen-Image passes max_seq=8192, max_shift=0.9 (its scheduler config). Evaluated
+    in the pipelines' order (slope, intercept, then mu), so the float64 value is theirs bit for bit.
     """
     slope = (max_shift - base_shift) / (max_seq - base_seq)
-    return base_shift + slope * (image_seq_len - base_seq)
+    intercept = base_shift - slope * base_seq
+    return image_seq_len * slope + intercept
 
 
 def dynamic_shift_sigmas(num_steps: int, mu: float, shift_terminal: float | None = None) -> torch.Tensor:
     """FLUX / Qwen-Image: linspace(1, 1/T, T) then the exponential time shift with exponent mu.
 
-    Matches their pipelines (which pass these sigmas and mu to a `use_dynamic_shifting` scheduler)
-    to float32 rounding; Qwen-Image additionally stretches to `shift_terminal`.
+    Bitwise the sigmas of their pipelines, which pass this grid and mu to a `use_dynamic_shifting`
+    scheduler: the grid is rounded to float32 and shifted (and, for Qwen-Image, stretched to
+    `shift_terminal`) in float32, as the scheduler's numpy code does.
     """
     _check_num_steps(num_steps)
-    grid = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
-    sigmas = _shift_exponential(grid, mu)
+    grid = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    sigmas = _shift_exponential(grid, mu)  # numpy keeps float32: Python floats are weak scalars
     if shift_terminal is not None:
         sigmas = _stretch_to_terminal(sigmas, shift_terminal)
-    return _with_terminal_zero(sigmas)
+    return _with_terminal_zero(torch.from_numpy(np.asarray(sigmas, dtype=np.float32)))
 
 
 def shifted_linear_sigmas(num_steps: int, shift: float) -> torch.Tensor:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from titan_flow.models.common.attention import attention
 from titan_flow.models.common.embeddings import (
     TextProjection,
     TimestepEmbedding,
     get_2d_sincos_pos_embed,
     timestep_sinusoid,
 )
-from titan_flow.models.common.layers import FeedForward
+from titan_flow.models.common.layers import FeedForward, JointAttention, SelfAttention
 from titan_flow.models.common.norms import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroX, RMSNorm
 from titan_flow.models.sd3.args import SD3Args
 
@@ -78,71 +77,6 @@ class TimestepTextEmbedding(nn.Module):
     def forward(self, timestep: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         t_features = timestep_sinusoid(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=0.0)
         return self.timestep_embedder(t_features.to(pooled.dtype)) + self.text_embedder(pooled)
-
-
-def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, L, H*Dh) -> (B, H, L, Dh)."""
-    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, Dh) -> (B, L, H*Dh)."""
-    return x.transpose(1, 2).flatten(2)
-
-
-class SelfAttention(nn.Module):
-    """Multi-head attention over one token stream, with optional RMS qk-norm per head."""
-
-    def __init__(self, dim: int, num_heads: int, head_dim: int, qk_norm: str | None):
-        super().__init__()
-        self.num_heads = num_heads
-        inner = num_heads * head_dim
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
-        self.norm_q = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # `to_out.0` in the checkpoints
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = self.norm_q(split_heads(self.to_q(x), self.num_heads))
-        k = self.norm_k(split_heads(self.to_k(x), self.num_heads))
-        v = split_heads(self.to_v(x), self.num_heads)
-        return q, k, v
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_out[0](merge_heads(attention(*self.project(x))))
-
-
-class JointAttention(SelfAttention):
-    """Attention over the concatenated [image; text] sequence; each stream has its own projections.
-
-    With `context_pre_only` (the last block) the text output is not needed, so there is no
-    `to_add_out` and the text stream ends here.
-    """
-
-    def __init__(self, dim: int, num_heads: int, head_dim: int, qk_norm: str | None, context_pre_only: bool):
-        super().__init__(dim, num_heads, head_dim, qk_norm)
-        inner = num_heads * head_dim
-        self.add_q_proj = nn.Linear(dim, inner)
-        self.add_k_proj = nn.Linear(dim, inner)
-        self.add_v_proj = nn.Linear(dim, inner)
-        self.norm_added_q = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.norm_added_k = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.to_add_out = None if context_pre_only else nn.Linear(inner, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v = self.project(x)
-        q_c = self.norm_added_q(split_heads(self.add_q_proj(context), self.num_heads))
-        k_c = self.norm_added_k(split_heads(self.add_k_proj(context), self.num_heads))
-        v_c = split_heads(self.add_v_proj(context), self.num_heads)
-        out = attention(torch.cat([q, q_c], dim=2), torch.cat([k, k_c], dim=2), torch.cat([v, v_c], dim=2))
-        out = merge_heads(out)
-        n_img = x.shape[1]
-        x_out = self.to_out[0](out[:, :n_img])
-        if self.to_add_out is None:
-            return x_out, None
-        return x_out, self.to_add_out(out[:, n_img:])
 
 
 class JointTransformerBlock(nn.Module):

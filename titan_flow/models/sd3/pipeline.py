@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from titan_flow.models.common.pipelines import check_pipeline_dir, check_scheduler_config, gaussian_noise
+from titan_flow.models.common.pipelines import seeded as seeded_build
 from titan_flow.models.common.schedules import NUM_TRAIN_TIMESTEPS, static_shift_sigmas
 from titan_flow.models.registry import pipeline_defaults
 from titan_flow.models.sd3.args import FLAVORS
@@ -46,30 +48,13 @@ _UNSUPPORTED_SCHEDULER_FLAGS = (
 
 
 def _check_layout(root: Path) -> None:
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"model.pretrained_path: {str(root)!r} is not a directory; give a local diffusers SD3 pipeline "
-            "directory (e.g. a snapshot of stabilityai/stable-diffusion-3.5-medium), or '' for the tiny random one"
-        )
-    for sub, (what, alternatives) in _LAYOUT.items():
-        if not any(all((root / sub / name).is_file() for name in files) for files in alternatives):
-            expected = " or ".join("+".join(files) for files in alternatives)
-            raise FileNotFoundError(
-                f"model.pretrained_path: {root / sub} must hold the {what} ({expected}), but it does not; "
-                "is this a diffusers StableDiffusion3Pipeline directory?"
-            )
+    check_pipeline_dir(root, _LAYOUT, "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-medium")
 
 
 def _read_scheduler_config(root: Path) -> tuple[float, float | None]:
     path = root / "scheduler" / "scheduler_config.json"
     config = json.loads(path.read_text())
-    enabled = [flag for flag in _UNSUPPORTED_SCHEDULER_FLAGS if config.get(flag)]
-    if enabled:
-        raise ValueError(f"{path}: {enabled} are not supported for SD3; only the static `shift` schedule is")
-    if config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS) != NUM_TRAIN_TIMESTEPS:
-        raise ValueError(
-            f"{path}: num_train_timesteps must be {NUM_TRAIN_TIMESTEPS}, got {config['num_train_timesteps']}"
-        )
+    check_scheduler_config(config, _UNSUPPORTED_SCHEDULER_FLAGS, str(path), "SD3; only the static `shift` schedule is")
     return float(config.get("shift", 1.0)), config.get("shift_terminal")
 
 
@@ -234,16 +219,7 @@ class SD3Pipeline:
 
     def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
         """N(0, I) latents drawn on the generator's device (as diffusers' randn_tensor does), then moved."""
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != n:
-                raise ValueError(f"initial_noise: got {len(generator)} generators for {n} samples; pass one per sample")
-            noise = torch.cat(
-                [torch.randn((1, *self.latent_shape), generator=g, device=g.device) for g in generator]
-            )
-        else:
-            device = generator.device if generator is not None else self.device
-            noise = torch.randn((n, *self.latent_shape), generator=generator, device=device)
-        return noise.to(self.device)
+        return gaussian_noise(n, self.latent_shape, generator, self.device)
 
     def velocity(
         self,
@@ -365,9 +341,7 @@ def build_tiny_sd3_pipeline(seed: int = 0):
         t5_tokenizer = _tiny_t5_tokenizer(scratch / "t5")
 
     def seeded(offset: int, build):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + offset)
-            return build()
+        return seeded_build(seed * 1000 + offset, build)
 
     def clip_encoder(width: int, hidden_act: str) -> CLIPTextModelWithProjection:
         config = CLIPTextConfig(
