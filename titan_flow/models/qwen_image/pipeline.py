@@ -454,7 +454,7 @@ class QwenImagePipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed latents -> float NCHW images in [0, 1]."""
         z = unpack_latents(latents.float(), self.latent_size, self.latent_size)
-        z = z * self.latents_std.to(z.device) + self.latents_mean.to(z.device)
+        z = z / (1.0 / self.latents_std.to(z.device)) + self.latents_mean.to(z.device)  # diffusers' rounding
         images = self.vae.decode(z[:, :, None].to(self.device, self.vae.dtype), return_dict=False)[0][:, :, 0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
