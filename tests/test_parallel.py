@@ -1,7 +1,7 @@
 """FSDP2 data parallelism: 1, 2 and 4 processes give the same loss, gradients and updated weights.
 
-The script below runs under torchrun (gloo, CPU). Every rank samples the same 8 trajectories of the
-tiny random SD3 policy (the full global batch, so rollouts are identical at every world size), keeps
+The script below runs under torchrun (gloo, CPU), once per model family (the tiny random SD3 and
+Qwen-Image policies). Every rank samples the same 8 trajectories of the tiny random policy (the full global batch, so rollouts are identical at every world size), keeps
 its 8 / W of them with fixed advantages, and takes one Flow-GRPO step: the clipped-ratio loss of
 every denoising step, backward through the FSDP2 model (gradients reduce-scattered and averaged),
 global grad-norm clip, AdamW. Rank 0 writes the loss, the gathered gradients and the updated weights
@@ -37,8 +37,12 @@ from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
 from titan_flow.rl.sde import sde_step
 from titan_flow.train import build_model, build_policy
 
-out_file, variants = sys.argv[1], json.loads(sys.argv[2])
-BASE = ["--model.resolution", "64", "--model.max_sequence_length", "16", "--sampling.num_steps", "4",
+out_file, variants, model_name = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+# Every "auto" field is given, so the pretrained variants (a transformer directory, not a whole pipeline) need
+# no pipeline defaults: they differ from the random init only in where the weights come from.
+BASE = ["--model.name", model_name, "--model.resolution", "64", "--model.max_sequence_length", "16",
+        "--sampling.num_steps", "4", "--sampling.guidance_scale", "4.5", "--eval.num_steps", "16",
+        "--eval.guidance_scale", "4.5", "--optimizer.lr", "5e-3",
         "--training.kernel_backend", "torch", "--sampling.noise_level", "1.0"]
 N = %(batch)d
 cfg = build_job_config(BASE)
@@ -129,36 +133,51 @@ VARIANTS = {
 }
 
 
-def run_world(nproc: int, variants: dict, out_dir: Path) -> dict:
+MODELS = ["sd3", "qwen_image"]
+# The parameters of the last block that get no gradient: that block's text-stream outputs are discarded
+# (SD3 has no text outputs there at all; Qwen-Image computes them, as diffusers does).
+UNUSED_LAST_BLOCK = {
+    "sd3": ("attn.add_q_proj.weight", "attn.add_q_proj.bias", "attn.norm_added_q.weight"),
+    "qwen_image": ("attn.add_q_proj.weight", "attn.add_q_proj.bias", "attn.norm_added_q.weight",
+                   "attn.to_add_out.weight", "attn.to_add_out.bias", "txt_mlp.net.0.proj.weight",
+                   "txt_mlp.net.0.proj.bias", "txt_mlp.net.2.weight", "txt_mlp.net.2.bias"),
+}
+TEXT_ENCODERS = {"sd3": ["clip_encoders", "clip_encoders", "t5_encoder"], "qwen_image": ["text_encoder"]}
+
+
+def run_world(nproc: int, variants: dict, out_dir: Path, model: str = "sd3") -> dict:
     script = out_dir / "one_step.py"
     script.write_text(SCRIPT)
-    out_file = out_dir / f"ws{nproc}_{'_'.join(variants)}.pt"
+    out_file = out_dir / f"{model}_ws{nproc}_{'_'.join(variants)}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(script), str(out_file), json.dumps(variants)]
+           str(script), str(out_file), json.dumps(variants), model]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return torch.load(out_file, weights_only=False)
 
 
-def write_random_init_checkpoint(out_dir: Path) -> Path:
+def write_random_init_checkpoint(out_dir: Path, model: str = "sd3") -> Path:
     """The trainer's random init (debug flavor, job seed) saved as a diffusers transformer directory."""
     from titan_flow.config import JobConfig
     from titan_flow.models import get_model_spec
-    from titan_flow.models.sd3.state_dict_adapter import save_diffusers
 
-    spec = get_model_spec("sd3")
+    spec = get_model_spec(model)
     torch.manual_seed(JobConfig().job.seed)
-    model = spec.build("debug")
-    return save_diffusers(model, spec.args("debug"), out_dir / "transformer")
+    return spec.export_fn(spec.build("debug").state_dict(), spec.args("debug"), out_dir / model, "10GB")
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def model(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel")
-    pretrained = ["--model.pretrained_path", str(write_random_init_checkpoint(out))]
+def results(tmp_path_factory, model):
+    out = tmp_path_factory.mktemp(f"parallel_{model}")
+    pretrained = ["--model.pretrained_path", str(write_random_init_checkpoint(out, model))]
     extra = {1: {"pretrained": pretrained}, 2: {"pretrained": pretrained, "pretrained_hsdp": [*pretrained, *HSDP]}}
-    return {w: run_world(w, VARIANTS[w] | extra[w], out) for w in (1, 2)}
+    return {w: run_world(w, VARIANTS[w] | extra[w], out, model) for w in (1, 2)}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -183,16 +202,15 @@ def assert_equivalent(a: dict, b: dict, loss_rtol: float, grad_rtol: float, weig
     assert weight_atol is None or weight_diff <= weight_atol, label
 
 
-def test_one_step_takes_a_real_update(results):
+def test_one_step_takes_a_real_update(results, model):
     """Guards the comparisons below against a vacuous step: non-zero loss, gradients everywhere, moved weights."""
     r = results[1]["base"]
     assert r["loss"] != 0 and r["grad_norm"] > 0
-    zero = {k for k, g in r["grads"].items() if g.abs().max() == 0}
-    # Only the last block's context queries get no gradient: that block discards its context output.
+    params = [k for k in r["state"] if not k.endswith("pos_embed")]
+    without = {k for k in params if k not in r["grads"] or r["grads"][k].abs().max() == 0}
+    # Only the last block's unused text-stream parameters get no gradient (zero, or None when unused).
     last = max(int(k.split(".")[1]) for k in r["grads"] if k.startswith("transformer_blocks."))
-    assert zero == {f"transformer_blocks.{last}.attn.{name}" for name in
-                    ("add_q_proj.weight", "add_q_proj.bias", "norm_added_q.weight")}
-    assert len(r["grads"]) == len([k for k in r["state"] if not k.endswith("pos_embed")])
+    assert without == {f"transformer_blocks.{last}.{name}" for name in UNUSED_LAST_BLOCK[model]}
 
 
 @pytest.mark.parametrize("variant", ["base", "ac_full", "bf16"])
@@ -241,8 +259,8 @@ def test_replicated_reference_equals_sharded(results, world):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_sharded_text_encoders_give_the_same_embeddings(results, world):
-    assert results[world]["sharded_encoders"] == ["clip_encoders", "clip_encoders", "t5_encoder"]
+def test_sharded_text_encoders_give_the_same_embeddings(results, world, model):
+    assert results[world]["sharded_encoders"] == TEXT_ENCODERS[model]
     assert results[world]["encoders_equal"] is True
 
 
@@ -265,8 +283,8 @@ def test_load_into_shards_names_what_does_not_fit(tmp_path):
 
 
 @pytest.mark.slow
-def test_four_processes_match_one(results, tmp_path):
-    four = run_world(4, VARIANTS[4], tmp_path)
+def test_four_processes_match_one(results, tmp_path, model):
+    four = run_world(4, VARIANTS[4], tmp_path, model)
     one = results[1]["base"]
     assert torch.equal(one["latents"], four["base"]["latents"])
     assert_equivalent(one, four["base"], 1e-5, 1e-5, STEP_TOL, "1 vs 4 procs")
@@ -293,7 +311,10 @@ def anon_mib():
     line = next(l for l in open("/proc/self/status") if l.startswith("RssAnon:"))
     return int(line.split()[1]) / 1024
 
-cfg = build_job_config(["--model.pretrained_path", sys.argv[1]])
+# The auto fields are given: the directory holds a transformer only, no pipeline to read defaults from.
+cfg = build_job_config(["--model.name", sys.argv[2], "--model.pretrained_path", sys.argv[1], "--model.resolution", "64",
+                        "--model.max_sequence_length", "16", "--sampling.num_steps", "4", "--sampling.guidance_scale",
+                        "4.5", "--eval.num_steps", "4", "--eval.guidance_scale", "4.5", "--optimizer.lr", "5e-3"])
 dims = init_distributed(cfg)
 before = anon_mib()
 model = build_model(cfg, dims, trainable=False)
@@ -304,27 +325,35 @@ destroy_distributed()
 """
 
 
-def test_sharded_load_holds_only_the_local_shard(tmp_path):
-    """Loading a ~260 MiB checkpoint on 2 ranks grows each rank's private memory by about its half
-    (the file is memory-mapped; only the pages of the rank's rows are read), never by the whole model."""
-    from titan_flow.models import get_model_spec
-    from titan_flow.models.sd3 import SD3Args
-    from titan_flow.models.sd3.state_dict_adapter import save_diffusers
+# ~260-300 MiB fp32 checkpoints: two wide blocks of each family.
+MEMORY_ARGS = {
+    "sd3": dict(num_layers=2, num_attention_heads=16, attention_head_dim=64, caption_projection_dim=1024,
+                joint_attention_dim=512, pooled_projection_dim=256, pos_embed_max_size=32, qk_norm="rms_norm"),
+    "qwen_image": dict(num_layers=2, num_attention_heads=16, attention_head_dim=64, joint_attention_dim=512,
+                       axes_dims_rope=(8, 28, 28)),
+}
 
-    args = SD3Args(num_layers=2, num_attention_heads=16, attention_head_dim=64, caption_projection_dim=1024,
-                   joint_attention_dim=512, pooled_projection_dim=256, pos_embed_max_size=32, qk_norm="rms_norm")
-    spec = get_model_spec("sd3")
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_sharded_load_holds_only_the_local_shard(tmp_path, model_name):
+    """Loading a ~260-300 MiB checkpoint on 2 ranks grows each rank's private memory by about its half
+    (the file is memory-mapped; only the pages of the rank's rows are read), never by the whole model:
+    how a 20 B Qwen-Image loads on 8 GPUs without any rank holding it whole."""
+    from titan_flow.models import get_model_spec
+
+    spec = get_model_spec(model_name)
+    args = type(spec.args("debug"))(**MEMORY_ARGS[model_name])
     with torch.device("meta"):
         model = spec.model_cls(args)
     model.to_empty(device="cpu")
     model.init_weights()
-    directory = save_diffusers(model, args, tmp_path / "transformer")
+    directory = spec.export_fn(model.state_dict(), args, tmp_path, "10GB")
     file_mib = sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 2**20
     del model
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240,
+                           str(script), str(tmp_path), model_name], cwd=REPO, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     ranks = [json.loads(line.split("MEMORY ", 1)[1]) for line in proc.stdout.splitlines() if "MEMORY " in line]

@@ -50,14 +50,15 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-# (cos, sin) tables of the interleaved rotary embedding, each (L, head_dim / 2), for one token stream.
-Rotary = tuple[torch.Tensor, torch.Tensor]
+# The complex table exp(i * angle) of the interleaved rotary embedding, (L, head_dim / 2), for one token
+# stream (models.common.rope.rotation).
+Rotary = torch.Tensor
 
 
 def _rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None) -> tuple[torch.Tensor, torch.Tensor]:
     if rotary is None:
         return q, k
-    return apply_interleaved_rope(q, *rotary), apply_interleaved_rope(k, *rotary)
+    return apply_interleaved_rope(q, rotary), apply_interleaved_rope(k, rotary)
 
 
 class SelfAttention(nn.Module):

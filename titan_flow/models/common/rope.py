@@ -4,7 +4,7 @@
   `apply_rope`.
 - Interleaved (FLUX, Qwen-Image): pairs are (x[2j], x[2j+1]), i.e. x viewed as d/2 complex numbers
   multiplied by exp(i * angle); `rope_angles` (one table per position axis, concatenated by the
-  model) + `apply_interleaved_rope`.
+  model) -> `rotation` -> `apply_interleaved_rope`.
 
 Mixing the two layouts up is the classic porting bug, so each function says which one it is.
 """
@@ -51,14 +51,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved layout: rotate the pairs (x[..., 2j], x[..., 2j+1]) of x (..., L, D) by per-token
-    tables cos, sin of shape (L, D/2).
+def rotation(angles: torch.Tensor) -> torch.Tensor:
+    """Interleaved layout: the complex table exp(i * angles), complex64 (computed as diffusers' torch.polar)."""
+    return torch.polar(torch.ones_like(angles), angles)
 
-    This is the complex product (x_2j + i x_2j+1) * exp(i angle_j), computed in fp32 and cast back to
-    x's dtype, as diffusers' FLUX / Qwen-Image do; real tables keep complex tensors away from FSDP.
+
+def apply_interleaved_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Interleaved layout: rotate the pairs (x[..., 2j], x[..., 2j+1]) of x (..., L, D) by a per-token complex
+    table (L, D/2) from `rotation`.
+
+    The complex product (x_2j + i x_2j+1) * exp(i angle_j) is taken in fp32 and cast back to x's dtype, as
+    diffusers' FLUX / Qwen-Image do. The tables are activations computed in the forward, never
+    parameters, so no complex tensor reaches FSDP2.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)

@@ -26,7 +26,7 @@ import torch.nn as nn
 from titan_flow.models.common.embeddings import TimestepEmbedding, timestep_sinusoid
 from titan_flow.models.common.layers import FeedForward, JointAttention, Rotary
 from titan_flow.models.common.norms import AdaLayerNormContinuous, RMSNorm
-from titan_flow.models.common.rope import rope_angles
+from titan_flow.models.common.rope import rope_angles, rotation
 from titan_flow.models.qwen_image.args import QwenImageArgs
 
 ROPE_THETA = 10000.0
@@ -78,10 +78,10 @@ def msrope_positions(img_shapes: ImageShapes, text_len: int, device=None) -> tup
 
 
 def msrope_tables(positions: torch.Tensor, axes_dims: Sequence[int], theta: float = ROPE_THETA) -> Rotary:
-    """Interleaved-RoPE (cos, sin) tables (N, sum(axes_dims) / 2), in fp32: each axis rotates its own
-    slice of the head with its own frequencies theta^(-2i / axis_dim)."""
+    """Interleaved-RoPE table exp(i angle), (N, sum(axes_dims) / 2) complex64: each axis rotates its own
+    slice of the head with its own frequencies theta^(-2i / axis_dim), computed in fp32 (as diffusers)."""
     angles = torch.cat([rope_angles(positions[:, a], dim, theta) for a, dim in enumerate(axes_dims)], dim=-1)
-    return angles.cos(), angles.sin()
+    return rotation(angles)
 
 
 class TimestepProjEmbeddings(nn.Module):
