@@ -405,11 +405,13 @@ def test_tiny_pipeline_is_deterministic_from_seed_and_does_both_tasks():
 def test_pretrained_defaults_are_the_pipelines(tiny_dir, edit_dir):
     """QwenImagePipeline.__call__: 1024 px (128 x the VAE's 8), 50 steps, true_cfg_scale 4.0, 512 tokens."""
     spec = get_model_spec("qwen_image")
-    for directory in (tiny_dir, edit_dir):
+    for directory in (tiny_dir, edit_dir, tiny_dir / "transformer"):  # a bare transformer: the published 8x VAE
         d = spec.config_defaults(str(directory))
         assert (d["model.resolution"], d["model.max_sequence_length"]) == (1024, 512)
         assert (d["sampling.num_steps"], d["sampling.guidance_scale"], d["eval.num_steps"]) == (50, 4.0, 50)
         assert d["optimizer.lr"] == 3e-4
+    with pytest.raises(FileNotFoundError, match="model.pretrained_path: .*nowhere' does not exist"):
+        spec.config_defaults(str(tiny_dir / "nowhere"))
 
 
 def test_load_and_encode_errors(tiny_dir, edit_dir, ours, ours_edit, tmp_path):

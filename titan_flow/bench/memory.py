@@ -2,8 +2,8 @@
 
     python -m titan_flow.bench.memory [--gpus 8] [--master float32] [--compute bfloat16] [--no-ema]
 
-Every count comes from the model built on the meta device: our SD3 and Bagel ports, and diffusers'
-and transformers' classes with the published configs for FLUX.1-dev, Qwen-Image and the text
+Every count comes from the model built on the meta device: our SD3, Qwen-Image and Bagel ports, and
+diffusers' and transformers' classes with the published configs for FLUX.1-dev and the text
 encoders / VAEs. Per GPU, with FSDP2 sharding over G GPUs (bytes per parameter in brackets):
 
     trained        P_train  x (master + grad [= master] + AdamW m, v [2 x 4] + EMA [4, if on]) / G
@@ -101,10 +101,10 @@ def _flux_dev():
 
 
 def _qwen_image():
-    from diffusers import QwenImageTransformer2DModel
+    from titan_flow.models import get_model_spec
 
-    return QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
-                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584)
+    spec = get_model_spec("qwen_image")
+    return spec.model_cls(spec.args("qwen-image"))
 
 
 def _bagel():

@@ -181,12 +181,18 @@ def _scheduler_settings(config: dict, source: str) -> dict:
 def pretrained_defaults(pretrained_path: str) -> dict:
     """`QwenImagePipeline.__call__`'s defaults for this directory: 50 steps, true CFG 4.0, 512 text tokens,
     and height = width = 128 x the VAE's downsampling (1024 px); the edit pipeline's output defaults to
-    the ~1024^2 condition size, the same 1024 px for a square source."""
+    the ~1024^2 condition size, the same 1024 px for a square source.
+
+    The path may also be a bare transformer directory (what the backbone loader accepts); without a
+    vae/config.json the published 8x VAE is assumed.
+    """
     root = Path(pretrained_path)
-    _check_layout(root)
-    vae_config = json.loads((root / "vae" / "config.json").read_text())
-    resolution = DEFAULT_SAMPLE_SIZE * 2 ** len(vae_config.get("temperal_downsample", [False, True, True]))
-    return pipeline_defaults(resolution=resolution, max_sequence_length=512, num_steps=50, guidance_scale=4.0)
+    if not root.exists():
+        raise FileNotFoundError(f"model.pretrained_path: {str(root)!r} does not exist")
+    vae_config = root / "vae" / "config.json"
+    downsample = json.loads(vae_config.read_text())["temperal_downsample"] if vae_config.is_file() else [0, 0, 0]
+    return pipeline_defaults(resolution=DEFAULT_SAMPLE_SIZE * 2 ** len(downsample), max_sequence_length=512,
+                             num_steps=50, guidance_scale=4.0)
 
 
 class QwenImagePipeline:
