@@ -296,3 +296,18 @@ def test_config_validation():
         QwenImageArgs(**{**CONFIGS["tiny"], "num_layers": 0})
     with pytest.raises(KeyError, match="choose one of qwen-image, debug"):
         get_model_spec("qwen_image").args("qwen-image-edit")
+
+
+def test_bench_compares_the_same_network():
+    """`python -m titan_flow.bench --backbone qwen_image` times two implementations of one network: same
+    weights, same inputs, the same output."""
+    from titan_flow.bench.backbone import COMPARISONS
+
+    comparison = COMPARISONS["qwen_image"]
+    torch.manual_seed(0)
+    reference = comparison.diffusers_model().eval()
+    ours = comparison.ours_from(reference).eval()
+    inputs = comparison.inputs(torch.device("cpu"))
+    with torch.no_grad():
+        expected = reference(**comparison.diffusers_inputs(inputs))[0]
+        assert rel_err(ours(**inputs), expected) <= REL_TOL

@@ -444,8 +444,8 @@ def test_load_and_encode_errors(tiny_dir, edit_dir, ours, ours_edit, tmp_path):
         ours_edit.encode(EDITS, images=sources(1))
     with pytest.raises(ValueError, match=r"must share their condition size .*\(64, 96\), \(96, 64\)"):
         ours_edit.encode(EDITS, images=[sources(1)[0], sources(1)[0].rotate(90, expand=True)])
-    with pytest.raises(TypeError, match="PIL images or \\(3, H, W\\) tensors"):
-        ours_edit.encode(EDITS[:1], images=[np.zeros((8, 8, 3))])
+    with pytest.raises(TypeError, match=r"\(3, H, W\) tensors in \[0, 1\]; got ndarray of shape \(8, 8, 3\)"):
+        ours_edit.encode(EDITS[:1], images=[np.zeros((8, 8, 3))])  # a float array: not a uint8 picture
 
 
 # --- the sample CLI -------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """Our hand-ported backbone vs diffusers' class: forward + backward time and peak memory, side by side.
 
-    python -m titan_flow.bench --backbone qwen_image [--device cpu] [--dtype float32] [--iters 5]
+    python -m titan_flow.bench --backbone qwen_image [--device cpu] [--dtype float32] [--iters 10]
     python -m titan_flow.bench.backbone --backbone qwen_image
 
 Both implementations get the same small config, the same weights (ours loads diffusers' state dict) and
-the same inputs. Each is measured in a fresh process, so one's allocations do not hide the other's:
-`--iters` timed fwd+bwd steps after one warm-up step; peak memory is the CUDA allocator's peak above
-what the model, its inputs and the warm-up's gradients hold (on the CPU: the growth of the process's
-peak resident set over its size before the first step).
+the same inputs. Time: one process runs `--iters` fwd+bwd steps of each, alternating, after one warm-up
+step each, so a machine whose load drifts slows both alike; the median and the minimum are printed.
+Peak memory: each implementation in a fresh process (one's allocations cannot hide the other's), the
+CUDA allocator's peak over one fwd+bwd step above what the model, its inputs and the warm-up's
+gradients hold (on the CPU: the growth of the process's peak resident set over its size before the step).
 """
 
 from __future__ import annotations
@@ -91,14 +92,15 @@ def _rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def measure(name: str, impl: str, device: torch.device, dtype: torch.dtype, iters: int) -> dict:
-    """Time and peak memory of `iters` fwd+bwd steps of one implementation (run in its own process)."""
+def _build(name: str, impl: str, device: torch.device, dtype: torch.dtype):
+    """(model, step) of one implementation; `step()` runs one fwd+bwd and waits for the device."""
     comparison = COMPARISONS[name]
     torch.manual_seed(0)
     reference = comparison.diffusers_model()
     model = comparison.ours_from(reference) if impl == "ours" else reference
-    del reference
-    model = model.to(device=device, dtype=dtype).train()
+    model = model.to(device=device).train()
+    if dtype != torch.float32:  # (diffusers warns on any .to(dtype), even a no-op one)
+        model = model.to(dtype)
     inputs = comparison.inputs(device)
     inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
               for k, v in inputs.items()}
@@ -109,47 +111,60 @@ def measure(name: str, impl: str, device: torch.device, dtype: torch.dtype, iter
         out = model(**inputs)
         out = out[0] if isinstance(out, tuple) else out
         out.float().square().mean().backward()
-
-    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    return model, step
+
+
+def peak_memory(name: str, impl: str, device: torch.device, dtype: torch.dtype) -> float:
+    """MiB one fwd+bwd step allocates at its peak above the steady state (run in a fresh process)."""
+    _, step = _build(name, impl, device, dtype)
     step()  # warm-up: allocator, lazily built tables, the gradients' storage
-    sync()
     if device.type == "cuda":
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        base = _rss_mib()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
         step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - base) / MIB
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    return {"impl": impl, "ms": 1000 * statistics.median(times), "ms_min": 1000 * min(times), "peak_mib": peak}
+        return (torch.cuda.max_memory_allocated(device) - base) / MIB
+    base = _rss_mib()
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+
+
+def times(name: str, device: torch.device, dtype: torch.dtype, iters: int) -> dict[str, list[float]]:
+    """Seconds of each fwd+bwd step of both implementations, interleaved, after one warm-up each."""
+    steps = {impl: _build(name, impl, device, dtype)[1] for impl in ("diffusers", "ours")}
+    for step in steps.values():
+        step()
+    out = {impl: [] for impl in steps}
+    for _ in range(iters):
+        for impl, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            out[impl].append(time.perf_counter() - t0)
+    return out
 
 
 def run(name: str, device: str, dtype: str, iters: int) -> list[dict]:
-    """Measure diffusers' and ours, each in a fresh interpreter, and return both results."""
+    """Both implementations' step times (this process) and peak memory (a fresh interpreter each)."""
+    measured = times(name, torch.device(device), DTYPES[dtype], iters)
     results = []
     for impl in ("diffusers", "ours"):
         cmd = [sys.executable, "-m", "titan_flow.bench.backbone", "--backbone", name, "--device", device,
-               "--dtype", dtype, "--iters", str(iters), "--worker", impl]
+               "--dtype", dtype, "--worker", impl]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"bench worker {impl} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        results.append({"impl": impl, "ms": 1000 * statistics.median(measured[impl]),
+                        "ms_min": 1000 * min(measured[impl]),
+                        "peak_mib": json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]})
     return results
 
 
 def report(name: str, device: str, dtype: str, iters: int, results: list[dict]) -> str:
     ref, ours = results
-    lines = [f"[bench] {COMPARISONS[name].description}; {device}, {dtype}, median of {iters} fwd+bwd steps"]
+    lines = [f"[bench] {COMPARISONS[name].description}; {device}, {dtype}, median of {iters} fwd+bwd steps each, "
+             "interleaved"]
     for r in results:
         lines.append(f"[bench]   {r['impl']:>9}: {r['ms']:9.1f} ms (min {r['ms_min']:.1f})   "
                      f"peak memory above the model {r['peak_mib']:8.1f} MiB")
@@ -163,7 +178,7 @@ def parse_args(argv):
     p.add_argument("--backbone", required=True, choices=sorted(COMPARISONS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--iters", type=int, default=5, help="timed fwd+bwd steps (after one warm-up)")
+    p.add_argument("--iters", type=int, default=10, help="timed fwd+bwd steps of each (after one warm-up)")
     p.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -173,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.iters < 1:
         raise SystemExit(f"--iters must be >= 1, got {a.iters}")
     if a.worker:
-        print(json.dumps(measure(a.backbone, a.worker, torch.device(a.device), DTYPES[a.dtype], a.iters)))
+        print(json.dumps({"peak_mib": peak_memory(a.backbone, a.worker, torch.device(a.device), DTYPES[a.dtype])}))
         return 0
     print(report(a.backbone, a.device, a.dtype, a.iters, run(a.backbone, a.device, a.dtype, a.iters)), flush=True)
     return 0

@@ -33,8 +33,7 @@ from titan_flow.models.bagel.model import (
     unpatchify_latents,
 )
 from titan_flow.models.bagel.state_dict_adapter import SPECIAL_TOKENS
-from titan_flow.models.common.images import to_pil
-from titan_flow.models.common.pipelines import gaussian_noise
+from titan_flow.models.common.images import to_pil_image
 from titan_flow.models.common.schedules import shifted_linear_sigmas
 from titan_flow.models.registry import pipeline_defaults
 
@@ -349,7 +348,7 @@ class BagelPipeline:
 
     def _latent_splits(self, images) -> list[LatentSplit]:
         """Clean VAE context images at the output resolution (the VAE posterior mean, not a sample)."""
-        pixels = torch.stack([_pixels(to_pil(im), self.resolution, self.resolution) for im in images])
+        pixels = torch.stack([_pixels(to_pil_image(im), self.resolution, self.resolution) for im in images])
         latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean.float()
         tokens = patchify_latents(VAE_SCALING_FACTOR * (latents - VAE_SHIFT_FACTOR), self.patch_size)
         return [LatentSplit(t, *self.grid, timestep=0.0) for t in tokens]
@@ -360,7 +359,7 @@ class BagelPipeline:
             raise ValueError("image editing needs the ViT, but this Bagel model was built without one (args.vit is None)")
         splits = []
         for image in images:
-            pil = to_pil(image)
+            pil = to_pil_image(image)
             height, width = _vit_size(pil.height, pil.width, vit.image_size, vit.patch_size)
             splits.append(patchify_vit_image(_pixels(pil, height, width).to(self.device), vit.patch_size))
         return splits
@@ -373,7 +372,14 @@ class BagelPipeline:
 
     def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
         """N(0, I) latent tokens (n, h*w, 4*C), drawn on the generator's device, then moved."""
-        return gaussian_noise(n, self.latent_shape, generator, self.device)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise ValueError(f"initial_noise: got {len(generator)} generators for {n} samples; pass one per sample")
+            noise = torch.cat([torch.randn((1, *self.latent_shape), generator=g, device=g.device) for g in generator])
+        else:
+            device = generator.device if generator is not None else self.device
+            noise = torch.randn((n, *self.latent_shape), generator=generator, device=device)
+        return noise.to(self.device)
 
     def velocity(
         self,

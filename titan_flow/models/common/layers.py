@@ -41,17 +41,19 @@ class FeedForward(nn.Module):
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, L, H*Dh) -> (B, H, L, Dh)."""
-    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    """(B, L, H*Dh) -> (B, L, H, Dh), a view: heads stay after tokens (as diffusers), so qk-norm, RoPE and the
+    concatenation of streams work on contiguous memory; only `attend` transposes, as views."""
+    return x.unflatten(-1, (num_heads, -1))
 
 
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, Dh) -> (B, L, H*Dh)."""
-    return x.transpose(1, 2).flatten(2)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over (B, L, H, Dh) queries/keys/values -> (B, L, H*Dh)."""
+    out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask)
+    return out.transpose(1, 2).flatten(2)
 
 
 # The complex table exp(i * angle) of the interleaved rotary embedding, (L, head_dim / 2), for one token
-# stream (models.common.rope.rotation).
+# stream (models.common.rope.rotation); applied to (B, L, H, head_dim) queries and keys.
 Rotary = torch.Tensor
 
 
@@ -78,14 +80,14 @@ class SelfAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # `to_out.0` in the checkpoints
 
     def project(self, x: torch.Tensor, rotary: Rotary | None = None) -> tuple[torch.Tensor, ...]:
-        """Per-head (B, H, L, Dh) queries, keys and values: projected, qk-normed, then rotated."""
+        """Per-head (B, L, H, Dh) queries, keys and values: projected, qk-normed, then rotated."""
         q = self.norm_q(split_heads(self.to_q(x), self.num_heads))
         k = self.norm_k(split_heads(self.to_k(x), self.num_heads))
         q, k = _rotate(q, k, rotary)
         return q, k, split_heads(self.to_v(x), self.num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_out[0](merge_heads(attention(*self.project(x))))
+        return self.to_out[0](attend(*self.project(x)))
 
 
 class JointAttention(SelfAttention):
@@ -134,13 +136,13 @@ class JointAttention(SelfAttention):
         v_c = split_heads(self.add_v_proj(context), self.num_heads)
 
         streams = ((q_c, k_c, v_c), (q, k, v)) if self.context_first else ((q, k, v), (q_c, k_c, v_c))
-        joint_q, joint_k, joint_v = (torch.cat(pair, dim=2) for pair in zip(*streams))
+        joint_q, joint_k, joint_v = (torch.cat(pair, dim=1) for pair in zip(*streams))
         mask = None
         if context_mask is not None:
             image_keys = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
             keys = (context_mask.bool(), image_keys) if self.context_first else (image_keys, context_mask.bool())
             mask = torch.cat(keys, dim=1)[:, None, None, :]  # (B, 1, 1, S): a key-padding mask
-        out = merge_heads(attention(joint_q, joint_k, joint_v, mask=mask))
+        out = attend(joint_q, joint_k, joint_v, mask=mask)
 
         n_ctx, n_img = context.shape[1], x.shape[1]
         out_c, out_x = out.split([n_ctx, n_img], dim=1) if self.context_first else out.split([n_img, n_ctx], dim=1)[::-1]

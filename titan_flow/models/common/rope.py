@@ -57,12 +57,12 @@ def rotation(angles: torch.Tensor) -> torch.Tensor:
 
 
 def apply_interleaved_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Interleaved layout: rotate the pairs (x[..., 2j], x[..., 2j+1]) of x (..., L, D) by a per-token complex
-    table (L, D/2) from `rotation`.
+    """Interleaved layout: rotate the pairs (x[..., 2j], x[..., 2j+1]) of x (B, L, heads, D) by a per-token
+    complex table (L, D/2) from `rotation`.
 
     The complex product (x_2j + i x_2j+1) * exp(i angle_j) is taken in fp32 and cast back to x's dtype, as
     diffusers' FLUX / Qwen-Image do. The tables are activations computed in the forward, never
     parameters, so no complex tensor reaches FSDP2.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation[:, None, :]).flatten(-2).type_as(x)

@@ -232,4 +232,6 @@ class QwenImageTransformer(nn.Module):
         text_rotary = msrope_tables(text_positions, self.args.axes_dims_rope)
         for block in self.transformer_blocks:
             x, c = block(x, c, temb, image_rotary, text_rotary, encoder_hidden_states_mask)
-        return self.proj_out(self.norm_out(x, temb))
+        # nn.Linear on a 3-D input returns a view, and FSDP2 warns when its root returns one (an in-place op
+        # on it would skip the pre-backward hook): the copy is one (B, N, 4 C_out) tensor.
+        return self.proj_out(self.norm_out(x, temb)).clone()

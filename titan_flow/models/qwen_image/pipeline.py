@@ -36,9 +36,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from titan_flow.models.common.images import to_pil
-from titan_flow.models.common.pipelines import check_pipeline_dir, check_scheduler_config, gaussian_noise
-from titan_flow.models.common.pipelines import seeded as seeded_build
+from titan_flow.models.common.images import to_pil_image
+from titan_flow.models.common.latents import draw_noise, pack_latents, unpack_latents
+from titan_flow.models.common.pipeline_files import check_layout
 from titan_flow.models.common.schedules import NUM_TRAIN_TIMESTEPS, dynamic_shift_sigmas, flux_mu
 from titan_flow.models.qwen_image.args import FLAVORS
 from titan_flow.models.registry import pipeline_defaults
@@ -79,20 +79,6 @@ def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
     width = math.sqrt(target_area * ratio)
     height = width / ratio
     return round(width / 32) * 32, round(height / 32) * 32
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches, row-major, channel = c*4 + dy*2 + dx."""
-    b, c, h, w = latents.shape
-    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, h/2 * w/2, 4C) -> (B, C, h, w); the inverse of `pack_latents`."""
-    b, _, channels = tokens.shape
-    latents = tokens.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return latents.reshape(b, channels // 4, h, w)
 
 
 def true_cfg(v_cond: torch.Tensor, v_neg: torch.Tensor, scale: float) -> torch.Tensor:
@@ -158,17 +144,21 @@ def load_processor(directory: Path):
 
 
 def _check_layout(root: Path) -> None:
-    check_pipeline_dir(root, _LAYOUT, "QwenImagePipeline / QwenImageEditPipeline", "Qwen/Qwen-Image or Qwen/Qwen-Image-Edit")
+    check_layout(root, _LAYOUT, "QwenImagePipeline / QwenImageEditPipeline", "Qwen/Qwen-Image or Qwen/Qwen-Image-Edit")
 
 
 def _scheduler_settings(config: dict, source: str) -> dict:
     """The dynamic-shift schedule's parameters, after checking the scheduler is the one `sigmas()` computes."""
-    check_scheduler_config(config, _UNSUPPORTED_SCHEDULER_FLAGS, source, "Qwen-Image")
+    enabled = [flag for flag in _UNSUPPORTED_SCHEDULER_FLAGS if config.get(flag)]
+    if enabled:
+        raise ValueError(f"{source}: {enabled} are not supported for Qwen-Image")
     if not config.get("use_dynamic_shifting") or config.get("time_shift_type", "exponential") != "exponential":
         raise ValueError(
             f"{source}: Qwen-Image samples with use_dynamic_shifting = true and time_shift_type = 'exponential', "
             f"got {config.get('use_dynamic_shifting')!r} / {config.get('time_shift_type')!r}"
         )
+    if config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS) != NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"{source}: num_train_timesteps must be {NUM_TRAIN_TIMESTEPS}, got {config['num_train_timesteps']}")
     return dict(
         base_seq=config.get("base_image_seq_len", 256),
         max_seq=config.get("max_image_seq_len", 4096),
@@ -346,7 +336,7 @@ class QwenImagePipeline:
 
     @torch.no_grad()
     def _encode_edit(self, prompts: list[str], images: Sequence) -> dict[str, torch.Tensor]:
-        pils = [to_pil(image) for image in images]
+        pils = [to_pil_image(image) for image in images]
         sizes = {self.condition_size(p) for p in pils}
         if len(sizes) > 1:
             raise ValueError(
@@ -413,7 +403,7 @@ class QwenImagePipeline:
     def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
         """N(0, I) latents drawn as diffusers draws them ((B, 1, C, h, w) on the generator's device), packed."""
         shape = (1, self.latent_channels, self.latent_size, self.latent_size)
-        return pack_latents(gaussian_noise(n, shape, generator, self.device)[:, 0])
+        return pack_latents(draw_noise(n, shape, generator, self.device)[:, 0])
 
     def velocity(
         self,
@@ -586,7 +576,9 @@ def build_tiny_qwen_image_pipeline(seed: int = 0, edit: bool = False):
     )
 
     def seeded(offset: int, build):
-        return seeded_build(seed * 1000 + offset, build)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + offset)
+            return build()
 
     components = dict(
         transformer=seeded(1, lambda: QwenImageTransformer2DModel(**{

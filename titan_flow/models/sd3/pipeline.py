@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from titan_flow.models.common.pipelines import check_pipeline_dir, check_scheduler_config, gaussian_noise
-from titan_flow.models.common.pipelines import seeded as seeded_build
+from titan_flow.models.common.latents import draw_noise
+from titan_flow.models.common.pipeline_files import check_layout, scheduler_config
 from titan_flow.models.common.schedules import NUM_TRAIN_TIMESTEPS, static_shift_sigmas
 from titan_flow.models.registry import pipeline_defaults
 from titan_flow.models.sd3.args import FLAVORS
@@ -48,13 +48,15 @@ _UNSUPPORTED_SCHEDULER_FLAGS = (
 
 
 def _check_layout(root: Path) -> None:
-    check_pipeline_dir(root, _LAYOUT, "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-medium")
+    check_layout(root, _LAYOUT, "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-medium")
 
 
 def _read_scheduler_config(root: Path) -> tuple[float, float | None]:
-    path = root / "scheduler" / "scheduler_config.json"
-    config = json.loads(path.read_text())
-    check_scheduler_config(config, _UNSUPPORTED_SCHEDULER_FLAGS, str(path), "SD3; only the static `shift` schedule is")
+    path, config = scheduler_config(root, _UNSUPPORTED_SCHEDULER_FLAGS, "SD3; only the static `shift` schedule is")
+    if config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS) != NUM_TRAIN_TIMESTEPS:
+        raise ValueError(
+            f"{path}: num_train_timesteps must be {NUM_TRAIN_TIMESTEPS}, got {config['num_train_timesteps']}"
+        )
     return float(config.get("shift", 1.0)), config.get("shift_terminal")
 
 
@@ -226,7 +228,7 @@ class SD3Pipeline:
 
     def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
         """N(0, I) latents drawn on the generator's device (as diffusers' randn_tensor does), then moved."""
-        return gaussian_noise(n, self.latent_shape, generator, self.device)
+        return draw_noise(n, self.latent_shape, generator, self.device)
 
     def velocity(
         self,
@@ -348,7 +350,9 @@ def build_tiny_sd3_pipeline(seed: int = 0):
         t5_tokenizer = _tiny_t5_tokenizer(scratch / "t5")
 
     def seeded(offset: int, build):
-        return seeded_build(seed * 1000 + offset, build)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + offset)
+            return build()
 
     def clip_encoder(width: int, hidden_act: str) -> CLIPTextModelWithProjection:
         config = CLIPTextConfig(
