@@ -246,8 +246,9 @@ TINY = [
 ]
 
 
-# The debug flavors every algorithm is run on (same sizes and settings; Qwen-Image samples with true CFG).
-MODELS = ["sd3", "qwen_image"]
+# The debug flavors every algorithm is run on (same sizes and settings; Qwen-Image samples with true CFG and
+# runs in the slow suite: the default suite trains the debug Qwen-Image in tests/test_qwen_image_recipes.py).
+MODELS = ["sd3", pytest.param("qwen_image", marks=pytest.mark.slow)]
 
 
 def train_run(tmp_path, name, *extra, steps=2, model="sd3"):

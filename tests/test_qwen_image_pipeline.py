@@ -225,14 +225,25 @@ def test_sigmas_match_diffusers_scheduler_bitwise(ours, reference):
 # --- sampling -------------------------------------------------------------------------------------
 
 
-def _run_reference(reference, latents, guidance_scale, output_type):
+def run_diffusers(pipe, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final latents, decoded images) of one diffusers pipeline call (the latents from its step callback)."""
+    final = {}
+
+    def keep_latents(pipeline, step, timestep, tensors):
+        final["latents"] = tensors["latents"].clone()
+        return tensors
+
+    with torch.no_grad():
+        images = pipe(**kwargs, output_type="pt", callback_on_step_end=keep_latents).images
+    return final["latents"], images
+
+
+def _run_reference(reference, latents, guidance_scale):
     kwargs = dict(prompt=PROMPTS, height=RESOLUTION, width=RESOLUTION, num_inference_steps=NUM_STEPS,
-                  latents=latents.clone(), max_sequence_length=MAX_SEQ, true_cfg_scale=guidance_scale,
-                  output_type=output_type)
+                  latents=latents.clone(), max_sequence_length=MAX_SEQ, true_cfg_scale=guidance_scale)
     if guidance_scale > 1:
         kwargs["negative_prompt"] = [NEGATIVE] * len(PROMPTS)
-    with torch.no_grad():
-        return reference(**kwargs).images
+    return run_diffusers(reference, **kwargs)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
@@ -245,8 +256,7 @@ def test_ode_sampling_reproduces_diffusers(ours, reference, backbone, guidance_s
                                    guidance_scale)
     latents = trajectory.latents[:, -1]
     images = ours.decode(latents)
-    expected_latents = _run_reference(reference, initial, guidance_scale, "latent")
-    expected_images = _run_reference(reference, initial, guidance_scale, "pt")
+    expected_latents, expected_images = _run_reference(reference, initial, guidance_scale)
     latent_err, image_err = rel_err(latents, expected_latents), rel_err(images, expected_images)
     print(f"ODE parity ({type(backbone).__name__}, true CFG {guidance_scale}): latents rel err {latent_err:.2e}, "
           f"images rel err {image_err:.2e}")
@@ -274,9 +284,7 @@ def test_edit_ode_sampling_reproduces_diffusers(ours_edit, reference_edit, edit_
                       num_inference_steps=NUM_STEPS, latents=initial[i : i + 1].clone(), true_cfg_scale=guidance_scale)
         if guidance_scale > 1:
             kwargs["negative_prompt"] = NEGATIVE
-        with torch.no_grad():
-            expected_latents = reference_edit(**kwargs, output_type="latent").images
-            expected_images = reference_edit(**kwargs, output_type="pt").images
+        expected_latents, expected_images = run_diffusers(reference_edit, **kwargs)
         latent_err = rel_err(latents[i : i + 1], expected_latents)
         image_err = rel_err(decoded[i : i + 1], expected_images)
         print(f"edit ODE parity (true CFG {guidance_scale}) sample {i}: latents rel err {latent_err:.2e}, "
@@ -473,8 +481,10 @@ def _diffusers_pngs(reference, **kwargs) -> np.ndarray:
     return (out * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
 
 
+@pytest.mark.slow
 def test_sample_cli_reproduces_diffusers_pipeline_with_overrides(tiny_dir, reference, tmp_path):
-    """The CLI's PNGs = QwenImagePipeline(prompts, generator) at a small size: within 1 uint8 level."""
+    """The CLI's PNGs = QwenImagePipeline(prompts, generator) at a small size: within 1 uint8 level (slow: a
+    fresh interpreter; the sampling itself is the ODE parity test's)."""
     expected = _diffusers_pngs(reference, height=64, width=64, num_inference_steps=8, max_sequence_length=32)
     ours = _sample_cli(tiny_dir, tmp_path / "small", "--resolution", "64", "--steps", "8", "--max_sequence_length", "32")
     assert ours.shape == expected.shape == (2, 64, 64, 3)

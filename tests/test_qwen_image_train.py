@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_QWEN = [
     "--model.name", "qwen_image", "--model.flavor", "debug", "--model.resolution", "64",
@@ -20,6 +22,7 @@ DEBUG_QWEN = [
 ]
 
 
+@pytest.mark.slow
 def test_grpo_on_two_gloo_ranks_is_on_policy(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "titan_flow.train",
            *DEBUG_QWEN, "--job.output_dir", str(tmp_path), "--job.run_name", "qwen2"]
