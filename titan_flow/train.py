@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.checkpoint.interval, cfg.checkpoint.keep_latest_k, cfg.checkpoint.async_mode == "async",
         enable=cfg.checkpoint.enable,
     )
+    algo.guard.last_good = ckpt.last_good if cfg.checkpoint.enable else lambda: "none (checkpoint.enable = false)"
     if cfg.checkpoint.enable:
         resume = ckpt.resolve_step(cfg.checkpoint.load_step)
         if resume is not None:

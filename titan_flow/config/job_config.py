@@ -147,6 +147,12 @@ class Training:
     ema_max_decay: float = doc(0.9, "EMA decay is min((1+k)/(10+k), ema_max_decay)")
     device: str = choices("auto", "auto", "cpu", "cuda", help="auto = cuda when available")
     deterministic: bool = doc(False, "torch.use_deterministic_algorithms (slower on GPU)")
+    on_nonfinite: str = choices(
+        "stop", "stop", "skip",
+        help="a NaN/inf in rollouts, rewards, advantages, loss, gradient norm or weights: stop with an error naming "
+        "it (the checkpoints stay good), or skip that epoch's training / that optimizer step and its EMA update",
+    )
+    max_nonfinite_skips: int = doc(3, "with on_nonfinite = skip: stop after this many skips in a row (a diverging run)")
     kernel_backend: str = choices(
         "auto", "auto", "triton", "torch",
         help="fused RL ops (kernels/): auto = Triton on CUDA tensors, the PyTorch reference elsewhere; "

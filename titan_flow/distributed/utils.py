@@ -224,3 +224,17 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
     return total
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly sharded DTensor) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def nonfinite_flag(tensors) -> torch.Tensor:
+    """0-d bool tensor (no host sync): does any local part of `tensors` hold a NaN or an infinity?"""
+    parts = [local_tensor(t).detach() for t in tensors]
+    parts = [p for p in parts if p.numel()]
+    if not parts:
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.stack([torch.isfinite(p).all().to(parts[0].device) for p in parts]).all()

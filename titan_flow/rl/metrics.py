@@ -17,11 +17,20 @@ class StepStats:
     def __init__(self):
         self.sums: dict[str, list[torch.Tensor]] = {}
         self.ratios: dict[str, dict[int, list[torch.Tensor]]] = {}
+        self.losses: list[tuple[str, torch.Tensor]] = []  # (where, loss/total) since the last take_losses()
 
-    def add_scalars(self, values: dict[str, torch.Tensor]) -> None:
-        """Scalars averaged over the epoch's micro-steps (and ranks) by `reduce`."""
+    def add_scalars(self, values: dict[str, torch.Tensor], where: str = "") -> None:
+        """Scalars averaged over the epoch's micro-steps (and ranks) by `reduce`; `where` names the micro-step
+        in an error about its loss."""
         for k, v in values.items():
             self.sums.setdefault(k, []).append(v.detach().float().reshape(()))
+        if "loss/total" in values:
+            self.losses.append((where or f"micro-step {len(self.sums['loss/total'])}", self.sums["loss/total"][-1]))
+
+    def take_losses(self) -> list[tuple[str, torch.Tensor]]:
+        """The micro-steps' total losses since the last call (the non-finite guard checks them per update)."""
+        losses, self.losses = self.losses, []
+        return losses
 
     def add_ratio(self, name: str, step: int, ratio: torch.Tensor) -> None:
         self.ratios.setdefault(name, {}).setdefault(step, []).append(ratio.detach().float())
@@ -41,7 +50,7 @@ class StepStats:
         if kl is not None:
             record["loss/kl"] = kl.mean()
             record[f"kl_per_step/{step}"] = kl.mean()
-        self.add_scalars(record)
+        self.add_scalars(record, where=f"denoising step {step}")
         self.add_ratio("ratio", step, pl.ratio)
         if raw_ratio is not None:
             self.add_ratio("raw_ratio", step, raw_ratio)

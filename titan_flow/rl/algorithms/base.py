@@ -25,6 +25,7 @@ from titan_flow.distributed.utils import ParallelDims, all_gather_object, all_ga
 from titan_flow.rewards import masked_mean
 from titan_flow.rl.advantage import compute_advantages
 from titan_flow.rl.algorithms.reference import FrozenPolicies
+from titan_flow.rl.guard import NonFiniteGuard
 from titan_flow.rl.metrics import StepStats
 from titan_flow.rl.rollout import (
     Trajectory,
@@ -78,6 +79,8 @@ class OnlineAlgorithm:
         self.optimizer, self.ema = optimizer, ema
         self.reward_fn, self.loader = reward_fn, loader
         self._batches = None  # the loader's iterator, made at the first rollout (after a resume restored it)
+        self.guard = NonFiniteGuard(cfg.training.on_nonfinite, cfg.training.max_nonfinite_skips, dims.rank,
+                                    dims.device)
         self.noise_generator = noise_generator
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.global_step = 0  # optimizer updates so far
@@ -87,11 +90,13 @@ class OnlineAlgorithm:
 
     def state_dict(self) -> dict:
         """The counters a resume restores besides model, optimizer and EMA (identical on every rank)."""
-        return {"global_step": self.global_step, "window_rng": self.window_rng.getstate()}
+        return {"global_step": self.global_step, "window_rng": self.window_rng.getstate(),
+                "nonfinite": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = state["global_step"]
         self.window_rng.setstate(state["window_rng"])
+        self.guard.load_state_dict(state["nonfinite"])
 
     # ------------------------------------------------------------------ rollout
     def rollout_policy(self):
@@ -152,6 +157,22 @@ class OnlineAlgorithm:
             b.rewards = {k: v.to(self.dims.device) for k, v in b.pending_rewards.result().items()}
         return batches
 
+    def check_rollouts(self, batches: list[RolloutBatch]) -> None:
+        """Non-finite latents, log-probs of the SDE steps (ODE steps have none) and scores of each reward function."""
+        for r, b in enumerate(batches):
+            traj = b.trajectory
+            self.guard.check(f"rollout latents (round {r})", traj.latents)
+            sde_steps = [j for j, level in enumerate(traj.noise_levels) if level > 0]
+            if sde_steps:
+                log_probs = traj.log_probs[:, sde_steps]
+                self.guard.check(f"rollout log-probs (round {r})", log_probs, lambda lp=log_probs, s=sde_steps: (
+                    f"at denoising steps {[s[j] for j in (~torch.isfinite(lp)).any(0).nonzero().flatten().tolist()]}"))
+            for key, scores in b.rewards.items():
+                if key == "avg":  # the weighted sum: a function that failed is named on its own
+                    continue
+                self.guard.check(f"reward {key!r} (round {r})", scores, lambda s=scores, p=b.prompts: "prompts: " + "; ".join(
+                    repr(prompt) for prompt, ok in zip(p, torch.isfinite(s).tolist()) if not ok))
+
     def assign_advantages(self, batches: list[RolloutBatch]) -> dict[str, float]:
         """Gather every rank's rewards and prompts, form per-group advantages, keep this rank's slice."""
         rl = self.cfg.rl
@@ -169,6 +190,7 @@ class OnlineAlgorithm:
             gathered["avg"].cpu(), all_keys, rl.global_std, rl.per_prompt_stat_tracking, self.advantage_mode
         )
         self.epoch_view = GroupAdvantages(adv, all_prompts, all_keys)
+        self.guard.check("advantages", adv)  # identical on every rank: decided with the first update
         local = adv.view(self.dims.world_size, -1)[self.dims.rank].to(self.dims.device)
         for b, chunk in zip(batches, local.split([len(b.prompts) for b in batches])):
             b.advantages = chunk
@@ -176,13 +198,25 @@ class OnlineAlgorithm:
         return scalars
 
     # ------------------------------------------------------------------ training
-    def optimizer_step(self) -> torch.Tensor:
+    def optimizer_step(self, epoch: int, losses: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
+        """Clip and apply the accumulated gradients, unless a loss or the gradient norm is non-finite on any
+        rank; then (on_nonfinite = skip) the update and its EMA step are dropped and None is returned."""
         grad_norm = clip_grad_norm(self.trainable, self.cfg.optimizer.max_grad_norm)
+        if losses:
+            self.guard.check("loss", torch.stack([loss for _, loss in losses]), lambda: "at " + ", ".join(
+                where for where, loss in losses if not torch.isfinite(loss)))
+        self.guard.check("gradient norm (before the update)", grad_norm)
+        if self.guard.decide(epoch, f"optimizer step {self.global_step + 1}"):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.guard.passed()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+        self.guard.check("weights after the update", self.trainable, skippable=False)
         if self.ema is not None:
             self.ema.step(self.global_step)
+            self.guard.check("EMA weights", self.ema.shadow, skippable=False)
         return grad_norm
 
     def train(self, batches: list[RolloutBatch], epoch: int) -> dict[str, float]:
@@ -202,7 +236,9 @@ class OnlineAlgorithm:
             for b, unit in enumerate(units):
                 train_unit(unit, stats, bar)
                 if (b + 1) % ga == 0:
-                    grad_norms.append(self.optimizer_step())
+                    grad_norm = self.optimizer_step(epoch, stats.take_losses())
+                    if grad_norm is not None:
+                        grad_norms.append(grad_norm)
         bar.close()
         scalars = stats.reduce(self.dims) if units else {}
         scalars.update(self.optim_scalars(grad_norms))
@@ -223,13 +259,22 @@ class OnlineAlgorithm:
 
     def run_epoch(self, epoch: int) -> EpochResult:
         t0 = time.perf_counter()
+        self.guard.seconds = 0.0
         self.before_epoch(epoch)
         batches = self.collect(epoch)
         t_rollout = time.perf_counter() - t0
+        self.check_rollouts(batches)
+        if self.guard.decide(epoch, "rollouts and rewards"):
+            scalars = {"nonfinite/skipped": 1.0, "nonfinite/skips_in_a_row": float(self.guard.consecutive_skips),
+                       "nonfinite/total_skips": float(self.guard.total_skips), "perf/rollout_s": t_rollout}
+            return EpochResult(scalars, summary="skipped: non-finite rollouts or rewards (see the warning above)")
         scalars = self.assign_advantages(batches)
         t1 = time.perf_counter()
         scalars.update(self.train(batches, epoch))
+        self.guard.decide(epoch, "after the updates")  # non-finite weights stop the run before any save
         t_train = time.perf_counter() - t1
+        scalars["nonfinite/total_skips"] = float(self.guard.total_skips)
+        scalars["perf/nonfinite_check_s"] = self.guard.seconds
         n_images = sum(len(b.prompts) for b in batches) * self.dims.world_size
         scalars["perf/rollout_images_per_s"] = n_images / t_rollout
         scalars["perf/images_per_s"] = n_images / (time.perf_counter() - t0)
