@@ -232,9 +232,12 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def nonfinite_flag(tensors) -> torch.Tensor:
-    """0-d bool tensor (no host sync): does any local part of `tensors` hold a NaN or an infinity?"""
+    """0-d bool tensor (no host sync): does any local part of `tensors` hold a NaN or an infinity?
+
+    One fused max-abs over all of them (foreach kernels): it is infinite or NaN exactly when some
+    element is, and unlike a 2-norm it cannot overflow on large finite values."""
     parts = [local_tensor(t).detach() for t in tensors]
     parts = [p for p in parts if p.numel()]
     if not parts:
         return torch.zeros((), dtype=torch.bool)
-    return ~torch.stack([torch.isfinite(p).all().to(parts[0].device) for p in parts]).all()
+    return ~torch.isfinite(torch.nn.utils.get_total_norm(parts, norm_type=float("inf"), foreach=True))

@@ -1,8 +1,8 @@
 """Non-finite values stop the run loudly (or drop the step) instead of training on NaN.
 
 Checks are recorded where values enter (rollout latents and log-probs, each reward function's scores,
-advantages, losses, the gradient norm, the weights after an update) as device-side flags, without a
-host sync each. At a decision point every rank's flags are agreed on with one collective (an
+advantages, losses, the gradient norm before each update, the weights and EMA after the epoch's
+updates) as device-side flags, without a host sync each. At a decision point every rank's flags are agreed on with one collective (an
 all-reduce of a single number), so all ranks stop or skip together and none hangs; only when something
 is wrong are the details gathered to name the epoch, the quantity, the reward function and prompts or
 the denoising step, and the rank.
@@ -60,7 +60,8 @@ class NonFiniteGuard:
         self.pending: list[_Check] = []
         self.consecutive_skips = 0
         self.total_skips = 0
-        self.seconds = 0.0  # spent checking and deciding: the guard's cost, logged per epoch
+        self.seconds = 0.0  # spent checking: the guard's own work, logged per epoch
+        self.collective_seconds = 0.0  # in its all-reduces, waiting for the slowest rank included
 
     def check(self, quantity: str, values, detail: Callable[[], str] | None = None, skippable: bool = True) -> None:
         """Record whether `values` (a tensor, or a list of possibly sharded tensors) are all finite; decided
@@ -87,10 +88,12 @@ class NonFiniteGuard:
         local = torch.stack([c.flag for c in checks]).any() if checks else torch.zeros((), dtype=torch.bool,
                                                                                           device=self.device)
         anywhere = local.to(torch.float32).reshape(1)
+        self.seconds += time.perf_counter() - start
+        start = time.perf_counter()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
         clean = anywhere.item() == 0
-        self.seconds += time.perf_counter() - start
+        self.collective_seconds += time.perf_counter() - start
         if clean:
             return False
         mine = [(self.rank, c.quantity, c.detail(), c.skippable) for c in checks if c.flag.item()]

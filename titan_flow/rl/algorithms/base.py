@@ -213,10 +213,8 @@ class OnlineAlgorithm:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        self.guard.check("weights after the update", self.trainable, skippable=False)
         if self.ema is not None:
             self.ema.step(self.global_step)
-            self.guard.check("EMA weights", self.ema.shadow, skippable=False)
         return grad_norm
 
     def train(self, batches: list[RolloutBatch], epoch: int) -> dict[str, float]:
@@ -259,7 +257,7 @@ class OnlineAlgorithm:
 
     def run_epoch(self, epoch: int) -> EpochResult:
         t0 = time.perf_counter()
-        self.guard.seconds = 0.0
+        self.guard.seconds = self.guard.collective_seconds = 0.0
         self.before_epoch(epoch)
         batches = self.collect(epoch)
         t_rollout = time.perf_counter() - t0
@@ -271,10 +269,15 @@ class OnlineAlgorithm:
         scalars = self.assign_advantages(batches)
         t1 = time.perf_counter()
         scalars.update(self.train(batches, epoch))
-        self.guard.decide(epoch, "after the updates")  # non-finite weights stop the run before any save
+        # Finite gradients can still overflow the weights (a huge lr with weight decay): before any save.
+        self.guard.check("weights after the updates", self.trainable, skippable=False)
+        if self.ema is not None:
+            self.guard.check("EMA weights", self.ema.shadow, skippable=False)
+        self.guard.decide(epoch, "after the updates")
         t_train = time.perf_counter() - t1
         scalars["nonfinite/total_skips"] = float(self.guard.total_skips)
         scalars["perf/nonfinite_check_s"] = self.guard.seconds
+        scalars["perf/nonfinite_allreduce_s"] = self.guard.collective_seconds
         n_images = sum(len(b.prompts) for b in batches) * self.dims.world_size
         scalars["perf/rollout_images_per_s"] = n_images / t_rollout
         scalars["perf/images_per_s"] = n_images / (time.perf_counter() - t0)
