@@ -153,8 +153,8 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def test_bagel_on_flex_equals_bagel_on_sdpa_in_fp32():
-    """Editing (VAE and ViT prefill, text, text + image CFG), text-to-image CFG and the full-sequence training
-    path, each on FlexAttention and on the SDPA loop."""
+    """Editing (VAE and ViT prefill, causal text over them, the image block with text + image CFG) and the
+    full-sequence training path (split masks), each on FlexAttention and on the SDPA loop."""
     model = random_model()
     source = torch.rand(3, 30, 50, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(4)
@@ -170,16 +170,13 @@ def test_bagel_on_flex_equals_bagel_on_sdpa_in_fp32():
         with torch.no_grad():
             edit = pipe.encode(["make it blue"], images=[source], model=model)
             x = pipe.initial_noise(1, torch.Generator().manual_seed(2), edit)
-            t2i = pipe.encode(["a cat", "two dogs"], model=model)
-            x2 = pipe.initial_noise(2, torch.Generator().manual_seed(3), t2i)
             training = model(samples, attention=backend)
             velocities[backend] = [
                 pipe.velocity(model, x, torch.tensor([0.7]), edit, 4.0),
-                pipe.velocity(model, x2, torch.tensor([0.9, 0.9]), t2i, 4.0),
                 torch.cat(training),
             ]
     keys = 2 * 6 + 2 * 20  # an upper bound on any segment's keys here (image blocks over two images and text)
-    for name, got, want in zip(("editing", "text-to-image", "training path"), velocities["flex"], velocities["sdpa"]):
+    for name, got, want in zip(("editing", "training path"), velocities["flex"], velocities["sdpa"]):
         error, bound = relative(got, want), model_bound(model, keys, want.numel())
         print(f"{name}: flex vs sdpa, max |diff| / max |v| = {error:.2e} (bound {bound:.2e})")
         assert error <= bound, name

@@ -134,6 +134,29 @@ class DigitContext:
                                cfg_renorm_min=0.0, **kwargs)
 
 
+SIZES = [(800, 1200), (300, 200), (1024, 1024), (100, 5000), (30, 50), (333, 777), (1080, 1920), (4000, 3000),
+         (512, 513), (17, 1000), (720, 1280), (2000, 90), (40, 30), (24, 24)]  # (height, width)
+
+
+def reference_resize():
+    """data/transforms.py's MaxLongEdgeMinShortEdgeResize with its image libraries stubbed out, so that calling it
+    on a (C, H, W) tensor returns the (height, width) it would resize to."""
+    import types
+
+    functional = types.ModuleType("torchvision.transforms.functional")
+    functional.resize = lambda img, size, interpolation=None, antialias=None: tuple(size)
+    transforms = types.ModuleType("torchvision.transforms")
+    transforms.functional, transforms.InterpolationMode = functional, types.SimpleNamespace(BICUBIC="bicubic")
+    transforms.ToTensor = transforms.Normalize = object
+    torchvision = types.ModuleType("torchvision")
+    torchvision.transforms = transforms
+    sys.modules.update({"torchvision": torchvision, "torchvision.transforms": transforms,
+                        "torchvision.transforms.functional": functional, "cv2": types.ModuleType("cv2")})
+    from data.transforms import MaxLongEdgeMinShortEdgeResize
+
+    return MaxLongEdgeMinShortEdgeResize
+
+
 def two_prompt_velocity(model, x, t):
     """The KV-cache path at batch 2: prefill both PROMPTS in one packed call, then their 48 x 64 image blocks at t."""
     from modeling.bagel.qwen2_navit import NaiveCache
@@ -290,6 +313,23 @@ def make_reference(out: Path) -> None:
     tensors.update({"edit_latent": edit_latent, "edit_vit": edit_vit, "edit_x": x, "edit_v": v})
     meta["edit"] = {"t": 0.55, "text_scale": 4.0, "image_scale": 1.5, "vit_grid": [6, 5]}
 
+    # -- editing a non-square image, generated at its shape: a 32 x 48 source (2 x 3 tokens), 5 x 7 ViT patches --
+    wide_latent = torch.randn(1, 4, 4, 6)
+    wide_vit = torch.rand(3, 10, 14) * 2 - 1
+    images_only = ctx.images(ctx.empty(), wide_latent, wide_vit)
+    full = ctx.text(deepcopy(images_only), PROMPTS[0])
+    text_only = ctx.text(ctx.empty(), PROMPTS[0])
+    x = torch.randn(6, 16)
+    v = ctx.flow(x, full, 0.45, (32, 48), text_cfg=images_only, img_cfg=text_only, text_scale=4.0, img_scale=1.5)
+    tensors.update({"wide_latent": wide_latent, "wide_vit": wide_vit, "wide_x": x, "wide_v": v})
+
+    # -- the image transforms' resize rule (data/transforms.py), on sizes of every aspect ----------------
+    resize = reference_resize()
+    meta["resize"] = {
+        f"{mx},{mn},{stride}": [[h, w, *resize(mx, mn, stride, 14 * 14 * 9 * 1024)(torch.zeros(1, h, w))] for h, w in SIZES]
+        for mx, mn, stride in ((1024, 512, 16), (980, 224, 14), (64, 32, 16), (48, 24, 16))
+    }
+
     # -- the FLUX-format autoencoder -----------------------------------------------------------
     with torch.no_grad():
         pixels = torch.rand(1, 3, 32, 48) * 2 - 1
@@ -438,18 +478,19 @@ def grid_latents(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.view(1, 3, 3, -1)
 
 
-def edit_cond(model, ref) -> dict:
-    """The editing condition BagelPipeline.encode builds, from the reference's VAE latent and ViT image."""
-    latents = patchify_latents(ref["edit_latent"], 2)[0]
-    ids = [BOS, *map(int, PROMPTS[1].split()), EOS]
+def edit_cond(model, latent: torch.Tensor, vit_image: torch.Tensor, prompt: str) -> dict:
+    """The editing condition BagelPipeline.encode builds, from a VAE latent (1, C, 2h, 2w) and a ViT image."""
+    tokens = patchify_latents(latent, 2)[0]
+    grid = (latent.shape[2] // 2, latent.shape[3] // 2)
+    ids = [BOS, *map(int, prompt.split()), EOS]
     with torch.no_grad():
-        images_only = model.extend(KVCache.empty(1), [0], [LatentSplit(latents, 3, 3)])
-        images_only = model.extend(images_only, [0], [patchify_vit_image(ref["edit_vit"].to(latents.dtype), 2)])
+        images_only = model.extend(KVCache.empty(1), [0], [LatentSplit(tokens, *grid)])
+        images_only = model.extend(images_only, [0], [patchify_vit_image(vit_image, 2)])
         full = model.extend(images_only, [0], [TextSplit(ids)])
         text_only = model.extend(KVCache.empty(1), [0], [TextSplit(ids)])
     # [cond | text-uncond | image-uncond] contexts
     return {"cache": full.cat(images_only).cat(text_only), "cond_context": torch.tensor([0]),
-            "text_uncond_context": torch.tensor([1]), "image_uncond_context": torch.tensor([2]), "grid": (3, 3)}
+            "text_uncond_context": torch.tensor([1]), "image_uncond_context": torch.tensor([2]), "grid": grid}
 
 
 def test_text_cfg_velocity_matches_reference(ours, reference):
@@ -466,8 +507,30 @@ def test_editing_cfg_velocity_matches_reference(ours, reference):
     e = meta["edit"]
     pipeline = make_pipeline(out, image_guidance_scale=e["image_scale"])
     with torch.no_grad():
-        v = pipeline.velocity(ours, grid_latents(ref["edit_x"]), torch.tensor([e["t"]]), edit_cond(ours, ref), e["text_scale"])
+        cond = edit_cond(ours, ref["edit_latent"], ref["edit_vit"], PROMPTS[1])
+        v = pipeline.velocity(ours, grid_latents(ref["edit_x"]), torch.tensor([e["t"]]), cond, e["text_scale"])
     assert report("editing velocity, text CFG 4 + image CFG 1.5", v[0].flatten(0, 1), ref["edit_v"]) < TOL
+
+
+def test_non_square_editing_matches_reference(ours, reference):
+    """A 32 x 48 source edited at its shape: the reference's query block at (32, 48) and ours on the 2 x 3 grid."""
+    out, ref, _ = reference
+    pipeline = make_pipeline(out, image_guidance_scale=1.5)
+    with torch.no_grad():
+        cond = edit_cond(ours, ref["wide_latent"], ref["wide_vit"], PROMPTS[0])
+        x = ref["wide_x"].view(1, 2, 3, -1)
+        v = pipeline.velocity(ours, x, torch.tensor([0.45]), cond, 4.0)
+    assert report("non-square editing velocity (2 x 3 tokens), CFG 4 / 1.5", v[0].flatten(0, 1), ref["wide_v"]) < TOL
+
+
+def test_resize_rule_is_the_reference_image_transform(reference):
+    """bagel_resize against data/transforms.py's MaxLongEdgeMinShortEdgeResize, sizes of every aspect, four settings."""
+    from titan_flow.models.bagel.pipeline import bagel_resize
+
+    for setting, rows in reference[2]["resize"].items():
+        mx, mn, stride = map(int, setting.split(","))
+        for h, w, want_h, want_w in rows:
+            assert bagel_resize(h, w, mx, mn, stride) == (want_h, want_w), (setting, h, w)
 
 
 def test_flux_vae_from_bfl_checkpoint_matches_reference_autoencoder(reference):
@@ -513,7 +576,7 @@ def test_generation_path_in_bf16_is_the_reference_bitwise(ours_bf16, reference, 
     ids = [[BOS, *map(int, p.split()), EOS] for p in PROMPTS]
     pipeline = make_pipeline(out)
     t2i = pipeline.encode([PROMPTS[0]], model=ours_bf16)
-    edit = edit_cond(ours_bf16, ref)
+    edit = edit_cond(ours_bf16, ref["edit_latent"].to(torch.bfloat16), ref["edit_vit"].to(torch.bfloat16), PROMPTS[1])
     x_t2i, x_edit, t2i_t, edit_t = ref["t2i_x"][None], ref["edit_x"][None], torch.tensor([0.8]), torch.tensor([0.55])
     with torch.no_grad():
         cache = ours_bf16.extend(KVCache.empty(2), [0, 1], [TextSplit(i) for i in ids])
