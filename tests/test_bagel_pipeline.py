@@ -23,6 +23,7 @@ from titan_flow.models.bagel.pipeline import (
     tiny_flux_vae,
 )
 from titan_flow.models.bagel.state_dict_adapter import from_pretrained, save_pretrained
+from titan_flow.rl.metrics import first_images
 from titan_flow.rl.rollout import generate_images, sample_trajectory, step_noise_levels
 from titan_flow.models.common.schedules import shifted_linear_sigmas
 from titan_flow.rl.sde import sde_step
@@ -270,6 +271,17 @@ def test_editing_generates_at_the_source_aspect_ratio():
         pipe.velocity(model, pipe.initial_noise(2, torch.Generator()), sigmas[1].expand(2), cond, 4.0)
     with pytest.raises(ValueError, match=r"sources resize to 32x32, 32x48 \(height x width\).*one group"):
         pipe.encode(["a", "b"], images=[torch.rand(3, 40, 40), source], model=model)
+
+
+def test_logged_images_of_edits_at_different_shapes_share_one_grid():
+    """Sampling rounds (or eval batches) of edits generated at different source shapes are logged in one grid,
+    each image padded with black to the largest height and width."""
+    a, b = torch.rand(2, 3, 32, 48), torch.rand(2, 3, 48, 32)
+    grid = first_images([a, b], 3)
+    assert grid.shape == (3, 3, 48, 48)
+    assert torch.equal(grid[1, :, :32], a[1]) and torch.equal(grid[2, :, :, :32], b[0])
+    assert grid[1, :, 32:].abs().sum() == 0 and grid[2, :, :, 32:].abs().sum() == 0
+    assert torch.equal(first_images([a, a], 8), torch.cat([a, a]))  # one shape: as before
 
 
 def test_noise_decode_and_sigmas(pipe):

@@ -748,5 +748,6 @@ class Bagel(nn.Module):
         attend = CachedAttention(cache, contexts, [block] * rows, False, device, x.dtype, attention)
         h, _, _ = self.decode(x.flatten(0, 1), Routing(gen_mask.flatten()), positions, attend, gen_mode=True)
         # llm2vae on the packed 2-D sequence, then the latent rows, as the reference: a GEMM's rounding may
-        # depend on the layout of its input, and a strided 3-D slice takes another kernel
-        return self.llm2vae(h).unflatten(0, (rows, block))[:, 1:-1]
+        # depend on the layout of its input, and a strided 3-D slice takes another kernel. The rows are copied
+        # out: a view returned through FSDP's forward hooks would lose its pre-backward hook to an in-place op.
+        return self.llm2vae(h).unflatten(0, (rows, block))[:, 1:-1].contiguous()
