@@ -42,7 +42,8 @@ def qkv(layout: PackedLayout, heads=4, kv_heads=2, head_dim=16, seed=0):
 def kernel_bound(layout: PackedLayout, q, k, v) -> float:
     """fp32 rounding of one attention output: head_dim + 2 * keys roundings in series, at the scale of the
     largest value times (1 + the largest score) (a score error of e moves a softmax weight by e relative)."""
-    max_score = (q.abs().max() * k.abs().max() * q.shape[-1] ** 0.5).item()  # |q.k| / sqrt(d) <= sqrt(d) max|q| max|k|
+    keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    max_score = (torch.einsum("qhd,khd->hqk", q, keys).abs().max() / q.shape[-1] ** 0.5).item()
     roundings = q.shape[-1] + 2 * max(layout.k_lens)
     return rounding_bound(roundings, FP32_UNIT_ROUNDOFF, elements=q.numel()) * v.abs().max().item() * (1 + max_score)
 
