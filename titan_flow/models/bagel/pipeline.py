@@ -407,7 +407,10 @@ class BagelPipeline:
         return grids[0]
 
     def _latent_splits(self, sources: Sequence[Image.Image]) -> list[LatentSplit]:
-        """Clean VAE context images at their (already resized) size: the VAE posterior mean, not a sample."""
+        """Clean VAE context images at their (already resized) size: the VAE posterior mean, not a sample.
+
+        Encoded one at a time, so that a sample's context does not depend on what else is in its batch.
+        """
         splits = []
         for source in sources:
             pixels = _pixels(source, source.height, source.width)[None]
