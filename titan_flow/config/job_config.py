@@ -48,8 +48,17 @@ class Model:
     compute_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the forward pass (FSDP mixed-precision param dtype)")
     encoder_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of frozen text encoders")
     vae_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the frozen VAE")
-    resolution: int | None = doc(None, "image height and width in pixels" + AUTO)
+    resolution: int | None = doc(
+        None, "image height and width in pixels (Bagel edits keep the source's aspect ratio: longest side at most "
+        "this, shortest at least half of it)" + AUTO
+    )
     max_sequence_length: int | None = doc(None, "T5/LLM text tokens (the reference uses 128 for SD3 training)" + AUTO)
+    attention_backend: str = choices(
+        "auto", "auto", "flash", "flex", "sdpa",
+        help="packed-sequence attention (Bagel): flash = flash-attn varlen (CUDA, bf16/fp16, the [gpu] extra), flex = "
+        "FlexAttention with a block mask per sequence layout, sdpa = one SDPA call per sequence; auto = flash when "
+        "installed on CUDA, else flex on CUDA, else sdpa",
+    )
     trainable: str = choices(
         "all", "all", "gen_expert",
         help="which weights train: all, or only Bagel's generation expert (its MoT gen weights, as the reference)",

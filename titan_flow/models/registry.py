@@ -8,13 +8,16 @@ The Policy interface every `pipeline_cls` implements (all rl/ ever sees of a fam
     pipe = pipeline_cls.load(pretrained_path, device=..., encoder_dtype=..., vae_dtype=...,
                              resolution=..., max_sequence_length=..., negative_prompt=..., seed=...)
     cond   = pipe.encode(prompts, images=None, model=None)  # dict of tensors (and caches), batch-first
-    x      = pipe.initial_noise(n, generator)               # fp32 latents; generator or one per sample
+    x      = pipe.initial_noise(n, generator, cond=cond)    # fp32 latents; generator or one per sample
     v      = pipe.velocity(model, x, sigma, cond, guidance_scale)   # fp32, CFG inside, sigma (B,) in [0,1]
     images = pipe.decode(x)                                 # float NCHW in [0, 1]
     sigmas = pipe.sigmas(num_steps)                         # (T+1,) fp32, ends with 0
 
 `model` is passed to `encode` because some families (Bagel) encode the prompt with the backbone
-itself; families with separate text encoders ignore it. `images` are the source images of an edit,
+itself; families with separate text encoders ignore it. `cond` is passed to `initial_noise` because a
+latent's shape may depend on the condition (Bagel edits at the source image's aspect ratio); families
+with a fixed latent shape ignore it. A batch's latents are one tensor, so one encode call yields one
+latent shape (a family whose batch would mix shapes raises in `encode`). `images` are the source images of an edit,
 one per prompt: float (3, H, W) tensors in [0, 1] at each file's own size (what the data loader
 yields) or PIL images; the family resizes them as its published pipeline does. Text-to-image
 families raise when given images.

@@ -9,8 +9,22 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from kernels import ClippedLoss
+
+
+def first_images(batches: list[torch.Tensor], limit: int) -> torch.Tensor:
+    """The first `limit` images of several (B, 3, H, W) batches as one tensor, for the logged grid.
+
+    Batches may differ in size (an edit is generated at its source image's shape): images are then
+    padded with black at the bottom and right to the largest height and width.
+    """
+    images = [image for batch in batches for image in batch][: max(limit, 0)]
+    if not images:
+        return batches[0][:0] if batches else torch.zeros(0, 3, 1, 1)
+    height, width = max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)
+    return torch.stack([F.pad(im, (0, width - im.shape[-1], 0, height - im.shape[-2])) for im in images])
 
 
 class StepStats:

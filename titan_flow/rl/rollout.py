@@ -180,7 +180,7 @@ def generate_images(
     `noise_generator` draws the SDE steps' noise.
     """
     cond = policy.encode(prompts, images=images, model=model)
-    x0 = policy.initial_noise(len(prompts), initial_noise_generator)
+    x0 = policy.initial_noise(len(prompts), initial_noise_generator, cond=cond)
     traj = sample_trajectory(policy, model, cond, x0, sigmas, noise_levels, sde_type, guidance_scale, noise_generator)
     return policy.decode(traj.latents[:, -1])
 

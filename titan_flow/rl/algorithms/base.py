@@ -26,7 +26,7 @@ from titan_flow.rewards import masked_mean
 from titan_flow.rl.advantage import compute_advantages
 from titan_flow.rl.algorithms.reference import FrozenPolicies
 from titan_flow.rl.guard import NonFiniteGuard
-from titan_flow.rl.metrics import StepStats
+from titan_flow.rl.metrics import StepStats, first_images
 from titan_flow.rl.rollout import (
     Trajectory,
     draw_sde_window,
@@ -109,18 +109,18 @@ class OnlineAlgorithm:
             self._batches = iter(self.loader)
         return next(self._batches)
 
-    def _initial_latents(self, keys: list[str], epoch: int, round_index: int) -> torch.Tensor:
+    def _initial_latents(self, keys: list[str], epoch: int, round_index: int, cond: dict) -> torch.Tensor:
         if not (self.cfg.sampling.same_latent or self.cfg.sampling.branch_prefix):
-            return self.policy.initial_noise(len(keys), self.noise_generator)
+            return self.policy.initial_noise(len(keys), self.noise_generator, cond=cond)
         gens = [torch.Generator(device="cpu").manual_seed(prompt_seed(k, epoch, round_index)) for k in keys]
-        return self.policy.initial_noise(len(keys), gens)
+        return self.policy.initial_noise(len(keys), gens, cond=cond)
 
     def _sample(self, module, data, cond, epoch: int, round_index: int, sigmas, window, bar):
         s = self.cfg.sampling
         levels = step_noise_levels(s.num_steps, s.noise_level, window)
         common = dict(generator=self.noise_generator, progress=bar, return_means=self.stores_means)
         if not s.branch_prefix:
-            x0 = self._initial_latents(data.keys, epoch, round_index)
+            x0 = self._initial_latents(data.keys, epoch, round_index, cond)
             return sample_trajectory(self.policy, module, cond, x0, sigmas, levels, s.sde_type, s.guidance_scale,
                                      window=window, **common)
         distinct = list(dict.fromkeys(data.keys))
@@ -129,7 +129,7 @@ class OnlineAlgorithm:
         images = [data.images[i] for i in first] if data.images is not None else None
         with torch.no_grad():
             prefix_cond = self.policy.encode([data.prompts[i] for i in first], images=images, model=self.model)
-        x0 = self._initial_latents(distinct, epoch, round_index)
+        x0 = self._initial_latents(distinct, epoch, round_index, prefix_cond)
         return sample_branched_trajectory(self.policy, module, cond, prefix_cond, x0, member_of, sigmas, levels,
                                           window, s.sde_type, s.guidance_scale, **common)
 
@@ -294,7 +294,7 @@ class OnlineAlgorithm:
         prompts = [p for b in batches for p in b.prompts][:n_img]
         return EpochResult(
             scalars,
-            torch.cat([b.images for b in batches])[:n_img].float().cpu(),
+            first_images([b.images for b in batches], n_img).float().cpu(),
             [f"{p} | {r:.3f}" for p, r in zip(prompts, avg.tolist())],
             self.summary(scalars),
         )
