@@ -1,7 +1,13 @@
-"""TensorBoard scalars and image grids, plus a one-line console summary; rank 0 writes, others no-op."""
+"""TensorBoard scalars, image grids and video grids, plus a one-line console summary; rank 0 writes, others no-op.
+
+Videos (B, F, 3, H, W) are logged as TensorBoard video summaries: an animated GIF of the captioned
+grid, frame by frame (what `SummaryWriter.add_video` writes, encoded here with PIL because
+add_video needs moviepy < 2, which is not a dependency).
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -44,6 +50,19 @@ def image_grid(images: torch.Tensor, captions: list[str], cols: int = 4, caption
     return np.asarray(canvas)
 
 
+def video_grid(videos: torch.Tensor, captions: list[str], cols: int = 4) -> np.ndarray:
+    """float (B, F, C, H, W) [0,1] -> uint8 (F, H', W', 3): frame t is the captioned grid of every video's frame t."""
+    return np.stack([image_grid(videos[:, t], captions, cols) for t in range(videos.shape[1])])
+
+
+def encode_gif(frames: np.ndarray, fps: float) -> bytes:
+    """uint8 (F, H, W, 3) -> an animated GIF that loops, `fps` frames per second."""
+    images = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return buf.getvalue()
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, enable_tensorboard: bool, is_main: bool):
         self.is_main = is_main
@@ -69,10 +88,20 @@ class MetricsLogger:
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         self.jsonl.flush()
 
-    def log_images(self, tag: str, images: torch.Tensor, captions: list[str], step: int) -> None:
+    def log_images(self, tag: str, images: torch.Tensor, captions: list[str], step: int, fps: float = 8.0) -> None:
+        """A captioned grid of images (B, 3, H, W), or a video summary of videos (B, F, 3, H, W) at `fps`."""
         if not self.is_main or self.writer is None:
             return
-        self.writer.add_image(tag, image_grid(images, captions), step, dataformats="HWC")
+        if images.ndim == 5:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            frames = video_grid(images, captions)
+            _, height, width, channels = frames.shape
+            video = Summary.Image(height=height, width=width, colorspace=channels,
+                                  encoded_image_string=encode_gif(frames, fps))
+            self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=video)]), step)
+        else:
+            self.writer.add_image(tag, image_grid(images, captions), step, dataformats="HWC")
         self.writer.add_text(f"{tag}/prompts", "\n\n".join(f"{i}: {c}" for i, c in enumerate(captions)), step)
 
     def close(self) -> None:
