@@ -63,6 +63,38 @@ def encode_gif(frames: np.ndarray, fps: float) -> bytes:
     return buf.getvalue()
 
 
+VIDEO_FORMATS = ("auto", "mp4", "gif")
+
+
+def write_video(path: Path, frames: np.ndarray, fps: float, video_format: str = "auto") -> Path:
+    """Write uint8 (F, H, W, 3) frames as `path` with the suffix of the format used, and return that path.
+
+    mp4 (MPEG-4 Part 2) through OpenCV's FFmpeg backend when opencv-python is installed (it comes with
+    the `ocr` extra); "auto" falls back to an animated GIF written by PIL otherwise.
+    """
+    if video_format not in VIDEO_FORMATS:
+        raise ValueError(f"video format {video_format!r} is not one of {VIDEO_FORMATS}")
+    if video_format in ("auto", "mp4"):
+        try:
+            import cv2
+        except ImportError:
+            if video_format == "mp4":
+                raise ImportError("writing .mp4 needs opencv-python (pip install opencv-python); or use gif") from None
+        else:
+            path = path.with_suffix(".mp4")
+            height, width = frames.shape[1:3]
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+            if not writer.isOpened():
+                raise RuntimeError(f"OpenCV could not open an mp4 writer for {path} (no FFmpeg backend?); use gif")
+            for frame in frames:
+                writer.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV takes BGR
+            writer.release()
+            return path
+    path = path.with_suffix(".gif")
+    path.write_bytes(encode_gif(frames, fps))
+    return path
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, enable_tensorboard: bool, is_main: bool):
         self.is_main = is_main
