@@ -84,8 +84,11 @@ def read_flow_shift(root: Path) -> float:
 
 
 def pretrained_defaults(pretrained_path: str) -> dict:
-    """`WanPipeline.__call__`'s defaults: 480 x 832, 81 frames, 50 steps, CFG 5.0, 512 UMT5 tokens."""
-    _check_layout(Path(pretrained_path))
+    """`WanPipeline.__call__`'s defaults: 480 x 832, 81 frames, 50 steps, CFG 5.0, 512 UMT5 tokens. They are
+    the pipeline's, not the weights', so any existing path (a pipeline, a bare transformer or an original
+    checkpoint, what the backbone loader accepts) takes them."""
+    if not Path(pretrained_path).exists():
+        raise FileNotFoundError(f"model.pretrained_path: {pretrained_path!r} does not exist")
     return pipeline_defaults(
         resolution=PIPELINE_HEIGHT,
         width=PIPELINE_WIDTH,
