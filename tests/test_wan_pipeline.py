@@ -17,6 +17,7 @@ from titan_flow.models import get_model_spec
 from titan_flow.models.common.schedules import unipc_flow_sigmas
 from titan_flow.models.wan.pipeline import WanT2VPipeline, build_tiny_wan_pipeline_dir
 from titan_flow.rl.rollout import sample_trajectory
+from test_sd3_pipeline import DiffusersBackbone  # diffusers' backbone behind our call signature
 from test_wan_model import load_diffusers
 
 HEIGHT, WIDTH, FRAMES = 32, 48, 9  # non-square; 9 frames -> 3 latent frames of 4 x 6
@@ -45,17 +46,6 @@ class EulerOnUniPCTable:
         dt = self.sigmas[self.index + 1] - self.sigmas[self.index]
         self.index += 1
         return (latents.float() + dt * velocity.float(),)
-
-
-class DiffusersBackbone(torch.nn.Module):
-    """diffusers' WanTransformer3DModel behind our backbone's call signature (returns the tensor)."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, **inputs):
-        return self.transformer(**inputs, return_dict=False)[0]
 
 
 @pytest.fixture(scope="module")

@@ -191,7 +191,10 @@ def resolve_auto(cfg: JobConfig) -> None:
     from titan_flow.models import get_model_spec
 
     try:
-        defaults = get_model_spec(cfg.model.name).config_defaults(cfg.model.pretrained_path)
+        spec = get_model_spec(cfg.model.name)
+        defaults = spec.fixed_defaults()
+        if any(p not in defaults for p in pending):  # only then is the pretrained directory read
+            defaults = spec.config_defaults(cfg.model.pretrained_path)
     except (KeyError, NotImplementedError, FileNotFoundError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise ConfigError(f"cannot fill {', '.join(pending)} (auto) from model {cfg.model.name!r}: {message}") from None

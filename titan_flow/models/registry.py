@@ -21,7 +21,8 @@ guidance, learning rate) are "auto" in the job config until `config_defaults` fi
 published pipeline's defaults for a pretrained directory, the debug job's values for a random flavor.
 So a debug value never silently applies to a real model when a recipe leaves a field out. A default
 may be a function of the config resolved so far (fields resolve in declaration order): the image
-families' `model.width` is `square`, i.e. whatever model.resolution became.
+families' `model.width` is `square`, i.e. whatever model.resolution became, and their
+`model.num_frames` is 1, whatever the weights (`ModelSpec.fixed_defaults`).
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def square(cfg) -> int:
     """The "auto" model.width of the image families: model.resolution, whatever set it (square images)."""
     return cfg.model.resolution
 
+# The frame-size fields of the image families, which do not depend on the weights.
+IMAGE_FRAME_DEFAULTS = {"model.width": square, "model.num_frames": 1}
+
 # The embedded debug job's values of the "auto" fields, for every random-init flavor.
 DEBUG_DEFAULTS = {
     "model.resolution": 64,
-    "model.width": square,
-    "model.num_frames": 1,
     "model.max_sequence_length": 16,
     "sampling.num_steps": 8,
     "sampling.guidance_scale": 4.5,
@@ -65,16 +67,15 @@ def pipeline_defaults(
     num_steps: int,
     guidance_scale: float,
     width: int | None = None,
-    num_frames: int = 1,
+    num_frames: int | None = None,
 ) -> dict[str, Any]:
     """The "auto" fields for a pretrained family, from its published pipeline's call defaults: rollout and
-    eval sample as the pipeline does unless the recipe says otherwise. Image families give only
-    `resolution` (width follows it); video families give the height as `resolution`, the width and
-    the number of frames."""
+    eval sample as the pipeline does unless the recipe says otherwise. Video families also give the
+    width and the number of frames (their `resolution` is the height)."""
+    video = {} if width is None else {"model.width": width, "model.num_frames": num_frames}
     return {
         "model.resolution": resolution,
-        "model.width": square if width is None else width,
-        "model.num_frames": num_frames,
+        **video,
         "model.max_sequence_length": max_sequence_length,
         "sampling.num_steps": num_steps,
         "sampling.guidance_scale": guidance_scale,
@@ -110,11 +111,15 @@ class ModelSpec:
     # published format (diffusers families: <out_dir>/transformer); used by `python -m titan_flow.export`.
     export_fn: Callable[..., Path] | None = None
 
+    def fixed_defaults(self) -> dict[str, Any]:
+        """The "auto" fields whose value does not depend on the weights (an image family's frame size)."""
+        return {} if self.video else dict(IMAGE_FRAME_DEFAULTS)
+
     def config_defaults(self, pretrained_path: str) -> dict[str, Any]:
-        """{"section.field": value} for the job-config fields left on "auto"."""
+        """{"section.field": value} for the job-config fields left on "auto" (reads the pretrained directory)."""
         if pretrained_path:
-            return self.pretrained_defaults(pretrained_path)
-        return {**DEBUG_DEFAULTS, **self.debug_defaults}
+            return {**self.fixed_defaults(), **self.pretrained_defaults(pretrained_path)}
+        return {**DEBUG_DEFAULTS, **self.fixed_defaults(), **self.debug_defaults}
 
     def args(self, flavor: str):
         if flavor not in self.flavors:

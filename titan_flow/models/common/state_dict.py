@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
+import torch.nn as nn
 
 
 def listing(keys: Iterable[str], limit: int = 20) -> str:
@@ -30,3 +31,18 @@ def check_keys(state_dict: Mapping[str, torch.Tensor], expected_shapes: Mapping[
     ]
     if problems:
         raise ValueError(f"{what}: " + "; ".join(problems))
+
+
+def materialize(
+    model_cls: Callable[..., nn.Module],
+    args,
+    state_dict: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> nn.Module:
+    """`model_cls(args)` holding `state_dict`'s tensors: built on meta and assigned them, so no memory goes
+    to a throwaway init; then moved to `device` and `dtype`."""
+    with torch.device("meta"):
+        model = model_cls(args)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype)

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from titan_flow.models.common.noise import gaussian_noise
+from titan_flow.models.common.pipeline_dir import check_layout, read_scheduler_config
 from titan_flow.models.common.schedules import NUM_TRAIN_TIMESTEPS, static_shift_sigmas
-from titan_flow.models.common.tiny_text import tiny_clip_tokenizer, tiny_t5_tokenizer
+from titan_flow.models.common.tiny import seeded, tiny_clip_tokenizer, tiny_t5_tokenizer
 from titan_flow.models.registry import pipeline_defaults
 from titan_flow.models.sd3.args import FLAVORS
 
@@ -47,30 +48,11 @@ _UNSUPPORTED_SCHEDULER_FLAGS = (
 
 
 def _check_layout(root: Path) -> None:
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"model.pretrained_path: {str(root)!r} is not a directory; give a local diffusers SD3 pipeline "
-            "directory (e.g. a snapshot of stabilityai/stable-diffusion-3.5-medium), or '' for the tiny random one"
-        )
-    for sub, (what, alternatives) in _LAYOUT.items():
-        if not any(all((root / sub / name).is_file() for name in files) for files in alternatives):
-            expected = " or ".join("+".join(files) for files in alternatives)
-            raise FileNotFoundError(
-                f"model.pretrained_path: {root / sub} must hold the {what} ({expected}), but it does not; "
-                "is this a diffusers StableDiffusion3Pipeline directory?"
-            )
+    check_layout(root, _LAYOUT, "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-medium")
 
 
 def _read_scheduler_config(root: Path) -> tuple[float, float | None]:
-    path = root / "scheduler" / "scheduler_config.json"
-    config = json.loads(path.read_text())
-    enabled = [flag for flag in _UNSUPPORTED_SCHEDULER_FLAGS if config.get(flag)]
-    if enabled:
-        raise ValueError(f"{path}: {enabled} are not supported for SD3; only the static `shift` schedule is")
-    if config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS) != NUM_TRAIN_TIMESTEPS:
-        raise ValueError(
-            f"{path}: num_train_timesteps must be {NUM_TRAIN_TIMESTEPS}, got {config['num_train_timesteps']}"
-        )
+    config = read_scheduler_config(root, _UNSUPPORTED_SCHEDULER_FLAGS, "SD3", "the static `shift` schedule")
     return float(config.get("shift", 1.0)), config.get("shift_terminal")
 
 
@@ -314,11 +296,6 @@ def build_tiny_sd3_pipeline(seed: int = 0):
         clip_tokenizer = CLIPTokenizer.from_pretrained(scratch / "clip")
         t5_tokenizer = tiny_t5_tokenizer(scratch / "t5")
 
-    def seeded(offset: int, build):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + offset)
-            return build()
-
     def clip_encoder(width: int, hidden_act: str) -> CLIPTextModelWithProjection:
         config = CLIPTextConfig(
             vocab_size=len(clip_tokenizer),
@@ -365,14 +342,14 @@ def build_tiny_sd3_pipeline(seed: int = 0):
         use_post_quant_conv=False,
     )
     return StableDiffusion3Pipeline(
-        transformer=seeded(1, lambda: SD3Transformer2DModel(**asdict(debug))),
+        transformer=seeded(seed, 1, lambda: SD3Transformer2DModel(**asdict(debug))),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=seeded(2, lambda: AutoencoderKL(**vae_args)),
-        text_encoder=seeded(3, lambda: clip_encoder(clip_widths[0], "quick_gelu")),
+        vae=seeded(seed, 2, lambda: AutoencoderKL(**vae_args)),
+        text_encoder=seeded(seed, 3, lambda: clip_encoder(clip_widths[0], "quick_gelu")),
         tokenizer=clip_tokenizer,
-        text_encoder_2=seeded(4, lambda: clip_encoder(clip_widths[1], "gelu")),
+        text_encoder_2=seeded(seed, 4, lambda: clip_encoder(clip_widths[1], "gelu")),
         tokenizer_2=clip_tokenizer,
-        text_encoder_3=seeded(5, lambda: T5EncoderModel(t5_config)),
+        text_encoder_3=seeded(seed, 5, lambda: T5EncoderModel(t5_config)),
         tokenizer_3=t5_tokenizer,
     )
 

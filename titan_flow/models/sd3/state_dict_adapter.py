@@ -22,7 +22,7 @@ from titan_flow.models.common.diffusers_io import (
     transformer_dir,
     write_diffusers_dir,
 )
-from titan_flow.models.common.state_dict import check_keys, listing
+from titan_flow.models.common.state_dict import check_keys, listing, materialize
 from titan_flow.models.sd3.args import SD3Args
 from titan_flow.models.sd3.model import SD3Transformer
 
@@ -246,10 +246,7 @@ def from_pretrained(
 ) -> SD3Transformer:
     """Our model with the checkpoint's weights, built on meta so no memory goes to a throwaway init."""
     args, state_dict = load_checkpoint(path, device)
-    with torch.device("meta"):
-        model = SD3Transformer(args)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype)
+    return materialize(SD3Transformer, args, state_dict, dtype, device)
 
 
 def save_diffusers(

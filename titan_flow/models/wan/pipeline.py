@@ -16,7 +16,6 @@ flow_grpo's `general_ocr_wan2_1` does, step by step:
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from collections.abc import Sequence
@@ -25,8 +24,9 @@ from pathlib import Path
 import torch
 
 from titan_flow.models.common.noise import gaussian_noise
+from titan_flow.models.common.pipeline_dir import check_layout, read_scheduler_config
 from titan_flow.models.common.schedules import NUM_TRAIN_TIMESTEPS, UNIPC_GRIDS, unipc_flow_sigmas
-from titan_flow.models.common.tiny_text import tiny_t5_tokenizer
+from titan_flow.models.common.tiny import seeded, tiny_t5_tokenizer
 from titan_flow.models.registry import pipeline_defaults
 from titan_flow.models.wan.args import FLAVORS
 
@@ -51,35 +51,18 @@ PIPELINE_STEPS, PIPELINE_GUIDANCE, PIPELINE_TEXT_LENGTH = 50, 5.0, 512
 
 
 def _check_layout(root: Path) -> None:
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"model.pretrained_path: {str(root)!r} is not a directory; give a local diffusers Wan pipeline "
-            "directory (e.g. a snapshot of Wan-AI/Wan2.1-T2V-1.3B-Diffusers), or '' for the tiny random one"
-        )
-    for sub, (what, alternatives) in _LAYOUT.items():
-        if not any(all((root / sub / name).is_file() for name in files) for files in alternatives):
-            expected = " or ".join("+".join(files) for files in alternatives)
-            raise FileNotFoundError(
-                f"model.pretrained_path: {root / sub} must hold the {what} ({expected}), but it does not; "
-                "is this a diffusers WanPipeline directory?"
-            )
+    check_layout(root, _LAYOUT, "WanPipeline", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 
 
 def read_flow_shift(root: Path) -> float:
     """The scheduler's flow_shift, checked to be a plain UniPC flow-sigma table (what `sigmas()` builds)."""
-    path = root / "scheduler" / "scheduler_config.json"
-    config = json.loads(path.read_text())
+    config = read_scheduler_config(root, _UNSUPPORTED_SCHEDULER_FLAGS, "Wan", "the static flow_shift table")
     if not config.get("use_flow_sigmas") or config.get("prediction_type") != "flow_prediction":
         raise ValueError(
-            f"{path}: Wan samples on UniPC's flow-sigma table; the scheduler must have use_flow_sigmas = true and "
-            f"prediction_type = 'flow_prediction', got {config.get('use_flow_sigmas')!r} and "
-            f"{config.get('prediction_type')!r}"
+            f"{root / 'scheduler' / 'scheduler_config.json'}: Wan samples on UniPC's flow-sigma table; the scheduler "
+            f"must have use_flow_sigmas = true and prediction_type = 'flow_prediction', got "
+            f"{config.get('use_flow_sigmas')!r} and {config.get('prediction_type')!r}"
         )
-    enabled = [flag for flag in _UNSUPPORTED_SCHEDULER_FLAGS if config.get(flag)]
-    if enabled:
-        raise ValueError(f"{path}: {enabled} are not supported for Wan; only the static flow_shift table is")
-    if config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS) != NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"{path}: num_train_timesteps must be {NUM_TRAIN_TIMESTEPS}, got {config['num_train_timesteps']}")
     return float(config.get("flow_shift", 1.0))
 
 
@@ -297,11 +280,6 @@ def build_tiny_wan_pipeline(seed: int = 0):
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = tiny_t5_tokenizer(Path(scratch) / "umt5")
 
-    def seeded(offset: int, build):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + offset)
-            return build()
-
     text_config = UMT5Config(
         vocab_size=len(tokenizer),
         d_model=debug.text_dim,
@@ -332,12 +310,12 @@ def build_tiny_wan_pipeline(seed: int = 0):
     del config["_class_name"]
     return WanPipeline(
         tokenizer=tokenizer,
-        text_encoder=seeded(1, lambda: UMT5EncoderModel(text_config)),
-        vae=seeded(2, lambda: AutoencoderKLWan(**vae_args)),
+        text_encoder=seeded(seed, 1, lambda: UMT5EncoderModel(text_config)),
+        vae=seeded(seed, 2, lambda: AutoencoderKLWan(**vae_args)),
         scheduler=UniPCMultistepScheduler(
             prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
         ),
-        transformer=seeded(3, lambda: WanTransformer3DModel(**config)),
+        transformer=seeded(seed, 3, lambda: WanTransformer3DModel(**config)),
     )
 
 

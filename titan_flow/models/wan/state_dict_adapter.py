@@ -23,7 +23,7 @@ from titan_flow.models.common.diffusers_io import (
     transformer_dir,
     write_diffusers_dir,
 )
-from titan_flow.models.common.state_dict import check_keys, listing
+from titan_flow.models.common.state_dict import check_keys, listing, materialize
 from titan_flow.models.wan.args import DIFFUSERS_CLASS_NAME, WanArgs
 from titan_flow.models.wan.model import WanTransformer
 
@@ -126,14 +126,20 @@ def to_diffusers(state_dict: dict[str, torch.Tensor], args: WanArgs | None = Non
     return from_diffusers(state_dict, args)
 
 
-def to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Ours -> the original Wan-AI keys (no prefix), tensors unchanged; inverse of `from_original`."""
+def _rename_all(state_dict: dict[str, torch.Tensor], top, in_block) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(renamed state dict, the keys no rule applies to)."""
     out, unknown = {}, []
     for key, value in state_dict.items():
         try:
-            out[_rename(key, _TOP_LEVEL, _IN_BLOCK)] = value
+            out[_rename(key, top, in_block)] = value
         except KeyError:
             unknown.append(key)
+    return out, unknown
+
+
+def to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ours -> the original Wan-AI keys (no prefix), tensors unchanged; inverse of `from_original`."""
+    out, unknown = _rename_all(state_dict, _TOP_LEVEL, _IN_BLOCK)
     if unknown:
         raise ValueError(f"not a Wan state dict in our layout: no original name for {listing(unknown)}")
     return out
@@ -144,12 +150,7 @@ def from_original(state_dict: dict[str, torch.Tensor], num_heads: int | None = N
     model the shapes imply (`num_heads` heads, else 128-wide ones)."""
     if any(k.startswith(ORIGINAL_PREFIX) for k in state_dict):
         state_dict = {k[len(ORIGINAL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(ORIGINAL_PREFIX)}
-    out, unknown = {}, []
-    for key, value in state_dict.items():
-        try:
-            out[_rename(key, _TOP_LEVEL_BACK, _IN_BLOCK_BACK)] = value
-        except KeyError:
-            unknown.append(key)
+    out, unknown = _rename_all(state_dict, _TOP_LEVEL_BACK, _IN_BLOCK_BACK)
     if unknown:
         raise ValueError(
             f"original Wan checkpoint: unexpected keys {listing(unknown)} (image-to-video or other variants are "
@@ -202,10 +203,7 @@ def from_pretrained(
 ) -> WanTransformer:
     """Our model with the checkpoint's weights, built on meta so no memory goes to a throwaway init."""
     args, state_dict = load_checkpoint(path, device)
-    with torch.device("meta"):
-        model = WanTransformer(args)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype)
+    return materialize(WanTransformer, args, state_dict, dtype, device)
 
 
 def save_diffusers(

@@ -1,4 +1,5 @@
-"""Tiny tokenizers for the random test/debug pipelines: real tokenizer classes, small vocabularies, no downloads.
+"""Tiny random components for the test/debug pipelines: real tokenizer classes with small vocabularies,
+and seeded construction, no downloads.
 
 Whole words of `TINY_WORDS` are single tokens, anything else is spelled out, so prompts have
 realistic, prompt-dependent lengths.
@@ -8,7 +9,13 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
 
 TINY_WORDS = (
     "a an the of on in with and photo picture image cat dog red blue green sign that says "
@@ -57,3 +64,11 @@ def tiny_t5_tokenizer(out_dir: Path):
     tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
+
+
+def seeded(seed: int, offset: int, build: Callable[[], T]) -> T:
+    """`build()` with the global RNG seeded from (seed, offset) and restored afterwards, so each component
+    of a tiny pipeline is reproducible on its own and building it disturbs no other stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + offset)
+        return build()
