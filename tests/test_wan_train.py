@@ -188,3 +188,15 @@ def test_wan_ocr_recipe_runs_one_epoch_shrunk_to_the_debug_model(tmp_path):
     (epoch,) = read_metrics(tmp_path / "wan_ocr")
     assert epoch["optim/global_step"] == 2  # n_b = 2 rounds, an update after each
     assert 0 < epoch["loss/kl"] < 1e6 and all(abs(v) < 1e6 for k, v in epoch.items() if k.startswith("loss/"))
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "online_sft"])
+def test_flow_matching_algorithms_train_on_video(tmp_path, algorithm):
+    """DPO and SFT re-noise final video latents (rl/ is rank-agnostic): one epoch each on the debug Wan."""
+    args = ["--job.config_file", str(CONFIGS / "wan_debug_cpu.toml"), "--job.output_dir", str(tmp_path),
+            "--rl.algorithm", algorithm, "--training.steps", "1", "--sampling.batch_size", "4",
+            "--sampling.num_image_per_prompt", "4", "--sampling.num_steps", "4", "--eval.freq", "0",
+            "--checkpoint.enable", "false", "--metrics.enable_tensorboard", "false"]
+    assert main(args) == 0
+    (epoch,) = read_metrics(tmp_path / "wan_debug_cpu")
+    assert epoch["optim/global_step"] == 1 and abs(epoch["loss/total"]) < 1e6
