@@ -30,9 +30,9 @@ from PIL import Image
 from titan_flow.checkpoint.manager import load_model_weights
 from titan_flow.config import build_job_config
 from titan_flow.distributed.utils import destroy_distributed, init_distributed
-from titan_flow.models import get_model_spec
 from titan_flow.export import run_config
 from titan_flow.metrics import VIDEO_FORMATS, write_video
+from titan_flow.models import get_model_spec
 from titan_flow.rewards import MultiReward
 from titan_flow.rewards.registry import to_uint8
 from titan_flow.rl.rollout import generate_images, step_noise_levels

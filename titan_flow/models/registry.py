@@ -43,6 +43,7 @@ def square(cfg) -> int:
     """The "auto" model.width of the image families: model.resolution, whatever set it (square images)."""
     return cfg.model.resolution
 
+
 # The frame-size fields of the image families, which do not depend on the weights.
 IMAGE_FRAME_DEFAULTS = {"model.width": square, "model.num_frames": 1}
 
