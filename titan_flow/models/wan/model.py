@@ -20,7 +20,7 @@ import torch.nn as nn
 from titan_flow.models.common.attention import attention
 from titan_flow.models.common.embeddings import TextProjection, TimestepEmbedding, timestep_sinusoid
 from titan_flow.models.common.layers import FeedForward
-from titan_flow.models.common.norms import FP32LayerNorm, RMSNorm
+from titan_flow.models.common.norms import FP32LayerNorm
 from titan_flow.models.common.rope import apply_interleaved_rope, axial_rope_cos_sin
 from titan_flow.models.wan.args import ROPE_THETA, WanArgs
 
@@ -35,8 +35,10 @@ class WanAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # `to_out.0` in the checkpoints
-        self.norm_q = RMSNorm(dim, eps=eps)
-        self.norm_k = RMSNorm(dim, eps=eps)
+        # torch's fused RMSNorm over the full width (all heads jointly), as diffusers' Wan: the same rounding
+        # in bf16, and its backward keeps only the input and the inverse RMS
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
 
     def forward(
         self,
@@ -132,7 +134,7 @@ class WanTransformer(nn.Module):
             if isinstance(module, (nn.Linear, nn.Conv3d)):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
                 module.reset_parameters()
         embedder = self.condition_embedder
         for mlp in (embedder.time_embedder, embedder.text_embedder):
