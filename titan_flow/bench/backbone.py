@@ -2,12 +2,14 @@
 
     python -m titan_flow.bench --backbone wan [--iters 5] [--dtype bfloat16] [--device cuda]
 
-Both models are built with the same config and run on the same inputs; each runs in a fresh process
-(so one's allocations do not count against the other), takes one warm-up step, then `--iters` timed
-steps of forward + backward of mean(output^2). Peak memory: on CUDA the allocator's peak over the
-steps; on the CPU the growth of the process's peak resident set over the steps (above what the model
-and inputs already took). The config is small enough for a CPU; the figures compare implementations,
-they do not predict full-size throughput.
+Both models are built with the same config and run on the same inputs; a step is forward + backward
+of mean(output^2). Time: one process holds both models and alternates their steps (one warm-up step
+each, then `--iters` timed steps each), so a machine whose load drifts slows both alike; the median
+step is reported. Memory: each model in a fresh process of its own, one warm-up and one measured
+step; on CUDA the allocator's peak above what the model and inputs took, on the CPU the growth of the
+process's peak resident set (which the C allocator's caching blurs by some MiB), and on both the
+activations autograd keeps for backward (distinct storages, counted once). The config is small enough for a CPU; the figures compare
+implementations, they do not predict full-size throughput.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+IMPLEMENTATIONS = ("ours", "diffusers")
 MIB = 2**20
 
 
@@ -74,70 +77,97 @@ def _rss_mib() -> float:
         return int(fh.read().split()[1]) * resource.getpagesize() / MIB
 
 
-def _measure(family: str, which: str, device: str, dtype: str, iters: int, queue) -> None:
-    """Child process: build one implementation, time its steps, report (ms per step list, peak MiB)."""
+def _build(family: str, which: str, dev: torch.device, dt: torch.dtype):
+    """(model, a function taking one forward + backward step and returning the MiB autograd saved for backward)."""
+    case = CASES[family]
     torch.manual_seed(0)
-    case, dev, dt = CASES[family], torch.device(device), DTYPES[dtype]
     model = getattr(case, which)()
     if (dev.type, dt) != ("cpu", torch.float32):  # where it was built
         model = model.to(dev, dt)
     model.train()
     inputs = case.inputs(dev, dt)
 
-    def step():
-        out = model(**inputs)
+    def step() -> float:
+        storages: dict[int, int] = {}  # distinct storages the graph keeps, each counted once
+
+        def keep(t):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = model(**inputs)
         out = out if isinstance(out, torch.Tensor) else out[0]  # diffusers returns an output object
         out.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return sum(storages.values()) / MIB
 
+    return model, step
+
+
+def _time_both(family: str, device: str, dtype: str, iters: int, queue) -> None:
+    """Child process: both implementations, steps alternated; reports {which: [ms per step]}."""
+    dev, dt = torch.device(device), DTYPES[dtype]
+    steps = {which: _build(family, which, dev, dt)[1] for which in IMPLEMENTATIONS}
+    times = {which: [] for which in IMPLEMENTATIONS}
+    for i in range(iters + 1):  # the first round warms up
+        for which, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i:
+                times[which].append((time.perf_counter() - t0) * 1000)
+    queue.put(times)
+
+
+def _peak_memory(family: str, which: str, device: str, dtype: str, queue) -> None:
+    """Child process: one implementation's (peak MiB over a warm-up and a measured step, MiB saved for backward)."""
+    dev, dt = torch.device(device), DTYPES[dtype]
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    else:
-        base = _rss_mib()
-    step()  # warm-up
-    times = []
-    for _ in range(iters):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        times.append((time.perf_counter() - t0) * 1000)
+    _, step = _build(family, which, dev, dt)
+    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else _rss_mib() * MIB
+    step()
+    saved = step()
     if dev.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(dev) - base) / MIB
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base  # Linux reports KiB
-    queue.put((times, peak))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base / MIB  # Linux reports KiB
+    queue.put((peak, saved))
 
 
-def compare(family: str, device: str = "cpu", dtype: str = "float32", iters: int = 5) -> dict[str, tuple[float, float]]:
-    """{"ours" | "diffusers": (median ms per forward+backward, peak MiB)}, each measured in its own process."""
+def _in_child(target, *args):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=target, args=(*args, queue))
+    child.start()
+    result = queue.get(timeout=1800)
+    child.join()
+    return result
+
+
+def compare(family: str, device: str = "cpu", dtype: str = "float32", iters: int = 5) -> dict[str, tuple]:
+    """{"ours" | "diffusers": (median ms per forward+backward, peak MiB, MiB saved for backward)}."""
     if family not in CASES:
         raise SystemExit(f"--backbone: no comparison for {family!r}; available: {', '.join(CASES)}")
-    context = multiprocessing.get_context("spawn")
-    results = {}
-    for which in ("ours", "diffusers"):
-        queue = context.Queue()
-        child = context.Process(target=_measure, args=(family, which, device, dtype, iters, queue))
-        child.start()
-        times, peak = queue.get(timeout=1800)
-        child.join()
-        results[which] = (statistics.median(times), peak)
-    return results
+    times = _in_child(_time_both, family, device, dtype, iters)
+    return {which: (statistics.median(times[which]), *_in_child(_peak_memory, family, which, device, dtype))
+            for which in IMPLEMENTATIONS}
 
 
-def report(family: str, results: dict[str, tuple[float, float]], device: str, dtype: str, iters: int) -> str:
-    (ours_ms, ours_mib), (ref_ms, ref_mib) = results["ours"], results["diffusers"]
-    memory = "peak CUDA memory above the model" if device.startswith("cuda") else "peak RSS growth"
-    return (
-        f"[bench] {family} forward+backward, {CASES[family].description}, {dtype} on {device}, median of {iters}:\n"
-        f"[bench]   ours      {ours_ms:9.1f} ms   {memory} {ours_mib:8.1f} MiB\n"
-        f"[bench]   diffusers {ref_ms:9.1f} ms   {memory} {ref_mib:8.1f} MiB\n"
-        f"[bench]   ours / diffusers: time {ours_ms / ref_ms:.2f}x, memory {ours_mib / max(ref_mib, 1e-9):.2f}x"
-    )
+def report(family: str, results: dict[str, tuple], device: str, dtype: str, iters: int) -> str:
+    peak = "peak CUDA memory above the model" if device.startswith("cuda") else "peak RSS growth"
+    rows = [f"[bench]   {which:9s} {ms:9.1f} ms   {peak} {mib:8.1f} MiB   saved for backward {saved:8.1f} MiB"
+            for which, (ms, mib, saved) in results.items()]
+    (ours_ms, ours_mib, ours_saved), (ref_ms, ref_mib, ref_saved) = results["ours"], results["diffusers"]
+    return "\n".join([
+        f"[bench] {family} forward+backward, {CASES[family].description}, {dtype} on {device}, "
+        f"median of {iters} alternated steps each:",
+        *rows,
+        f"[bench]   ours / diffusers: time {ours_ms / ref_ms:.2f}x, peak memory {ours_mib / max(ref_mib, 1e-9):.2f}x, "
+        f"saved for backward {ours_saved / max(ref_saved, 1e-9):.2f}x",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
