@@ -10,7 +10,9 @@ flow_grpo's `general_ocr_wan2_1` does, step by step:
 - latents: (B, 16, (F-1)/4 + 1, H/8, W/8) fp32;
 - CFG: two separate forwards, cond and negative (""), v = v_u + s (v_c - v_u), on when s > 1;
 - schedule: UniPC's flow-sigma table (shift from the scheduler config), walked by rl/'s own
-  Euler / SDE steps, with the table's *integer* timesteps fed to the transformer;
+  Euler / SDE steps, with the table's *integer* timesteps fed to the transformer; the table of the
+  diffusers flow_grpo pins (<= 0.36) by default, `sigma_grid="diffusers"` for today's (>= 0.37),
+  which differs by up to 0.003 in sigma and 3 in the integer timesteps;
 - decode: z * std + mean per channel, the VAE, then frames (B, F, 3, H, W) in [0, 1].
 """
 
