@@ -178,7 +178,7 @@ def test_original_wan_layout(reference, tmp_path):
     # Independent check of our key table: diffusers' own converter maps it back exactly.
     converted = convert_wan_transformer_to_diffusers(dict(original))
     assert sorted(converted) == sorted(ours)
-    assert all(converted[k] is original_value for k, original_value in zip(ours, original.values()))
+    assert all(converted[k] is ours[k] for k in ours)  # renamed, not copied or reshaped
     heads = config["num_attention_heads"]
     back = from_original({"model.diffusion_model." + k: v for k, v in original.items()}, num_heads=heads)
     assert back.keys() == ours.keys() and all(back[k] is ours[k] for k in ours)
@@ -224,7 +224,7 @@ def test_bad_checkpoints_name_the_problem(reference, tmp_path):
     with pytest.raises(ValueError, match=r"missing keys: blocks\.0\.attn2\.norm_k\.weight; unexpected keys: "
                                          r"blocks\.0\.extra\.weight; wrong shapes: proj_out\.bias \(3,\)"):
         from_diffusers(broken, WanArgs(**config))
-    with pytest.raises(ValueError, match=r"original Wan checkpoint: unexpected keys img_emb\.proj\.0\.weight"):
+    with pytest.raises(ValueError, match=r"original Wan checkpoint: unexpected keys: img_emb\.proj\.0\.weight"):
         from_original({**to_original(state), "img_emb.proj.0.weight": torch.zeros(1)})
     with pytest.raises(FileNotFoundError, match="Wan checkpoint not found"):
         from_pretrained(tmp_path / "nowhere")

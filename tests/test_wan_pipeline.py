@@ -19,6 +19,7 @@ from titan_flow.models.wan.pipeline import WanT2VPipeline, build_tiny_wan_pipeli
 from titan_flow.rl.rollout import sample_trajectory
 from test_sd3_pipeline import DiffusersBackbone  # diffusers' backbone behind our call signature
 from test_wan_model import load_diffusers
+from tolerances import chain_length, rounding_bound
 
 HEIGHT, WIDTH, FRAMES = 32, 48, 9  # non-square; 9 frames -> 3 latent frames of 4 x 6
 MAX_SEQ = 16
@@ -243,3 +244,40 @@ def test_image_families_stay_square_single_frame():
         build_job_config(["--model.num_frames", "5"])
     with pytest.raises(ConfigError, match="model.width must be a positive multiple of 16, got 40"):
         build_job_config(["--model.name", "wan", "--model.width", "40"])
+
+
+def test_bf16_encoder_vae_and_backbone(tiny_dir, ours):
+    """Reduced-precision components still hand rl/ fp32 tensors, within bf16's rounding of the fp32 ones
+    (tests/tolerances.py: the bound over each component's chain of roundings and every element compared).
+    The backbone keeps its norms, modulation and RoPE in fp32 whatever its weights' dtype."""
+    pipe = WanT2VPipeline.load(str(tiny_dir), device="cpu", encoder_dtype=torch.bfloat16, vae_dtype=torch.bfloat16,
+                               resolution=HEIGHT, width=WIDTH, num_frames=FRAMES, max_sequence_length=MAX_SEQ,
+                               sigma_grid="diffusers")
+
+    def assert_within_bf16(got, want, module, label):
+        assert got.dtype == torch.float32
+        error = (got - want).abs().max().item() / want.abs().max().item()
+        bound = rounding_bound(chain_length(module), elements=want.numel())
+        print(f"{label}: bf16 vs fp32 max error {error:.3g} of the largest entry (bound {bound:.3g})")
+        assert error <= bound, label
+
+    cond, cond32 = pipe.encode(PROMPTS), ours.encode(PROMPTS)
+    assert_within_bf16(cond["prompt_embeds"], cond32["prompt_embeds"], pipe.text_encoder, "prompt_embeds")
+    assert torch.all(cond["prompt_embeds"][0, len(pipe.tokenizer(PROMPTS[0]).input_ids):] == 0)  # still exact zeros
+
+    x = ours.initial_noise(2, torch.Generator().manual_seed(2))
+    sigmas = ours.sigmas(NUM_STEPS)
+    sigma = torch.stack([sigmas[1], sigmas[4]])
+    spec = get_model_spec("wan")
+    backbone_bf16 = spec.from_pretrained(tiny_dir / "transformer", dtype=torch.bfloat16)
+    backbone_fp32 = spec.from_pretrained(tiny_dir / "transformer", dtype=torch.float32)
+    v = pipe.velocity(backbone_bf16, x, sigma, cond32, 1.0)  # guidance 1: CFG would only scale the rounding
+    assert_within_bf16(v, ours.velocity(backbone_fp32, x, sigma, cond32, 1.0), backbone_fp32, "velocity")
+
+    # The VAE's output lies in [-1, 1] before frames = out / 2 + 1/2: half its bound in frame units.
+    frames, frames32 = pipe.decode(x), ours.decode(x)
+    assert frames.dtype == torch.float32
+    frame_error = (frames - frames32).abs().max().item()
+    bound = rounding_bound(chain_length(pipe.vae.decoder), elements=frames.numel()) / 2
+    print(f"decoded frames: bf16 vs fp32 max error {frame_error:.3g} (bound {bound:.3g})")
+    assert frame_error <= bound

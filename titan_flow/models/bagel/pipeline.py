@@ -33,7 +33,6 @@ from titan_flow.models.bagel.model import (
     unpatchify_latents,
 )
 from titan_flow.models.bagel.state_dict_adapter import SPECIAL_TOKENS
-from titan_flow.models.common.noise import gaussian_noise
 from titan_flow.models.common.schedules import shifted_linear_sigmas
 from titan_flow.models.registry import pipeline_defaults
 
@@ -381,7 +380,14 @@ class BagelPipeline:
 
     def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
         """N(0, I) latent tokens (n, h*w, 4*C), drawn on the generator's device, then moved."""
-        return gaussian_noise(n, self.latent_shape, generator, self.device)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise ValueError(f"initial_noise: got {len(generator)} generators for {n} samples; pass one per sample")
+            noise = torch.cat([torch.randn((1, *self.latent_shape), generator=g, device=g.device) for g in generator])
+        else:
+            device = generator.device if generator is not None else self.device
+            noise = torch.randn((n, *self.latent_shape), generator=generator, device=device)
+        return noise.to(self.device)
 
     def velocity(
         self,

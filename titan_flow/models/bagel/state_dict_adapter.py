@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from titan_flow.models.bagel.args import BagelArgs, VitArgs
 from titan_flow.models.bagel.model import Bagel
 from titan_flow.models.common.embeddings import get_2d_sincos_pos_embed
-from titan_flow.models.common.state_dict import check_keys, listing, materialize
+from titan_flow.models.common.state_dict import check_keys, listing
 
 EMA_NAME = "ema.safetensors"
 LLM_CONFIG_NAME = "llm_config.json"
@@ -244,7 +244,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Bagel:
     """Our model with a Bagel directory's weights, built on meta so no memory goes to a throwaway init."""
     args, state_dict = load_checkpoint(path, device)
-    return materialize(Bagel, args, state_dict, dtype, device)
+    with torch.device("meta"):
+        model = Bagel(args)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype)
 
 
 def save_pretrained(state_dict: dict[str, torch.Tensor], args: BagelArgs, path: str | Path) -> None:

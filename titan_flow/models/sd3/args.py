@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
-from titan_flow.models.common.config import check_positive_ints, diffusers_config_kwargs
+from dataclasses import asdict, dataclass, fields
 
 DIFFUSERS_CLASS_NAME = "SD3Transformer2DModel"
 QK_NORMS = (None, "rms_norm")
@@ -30,7 +28,10 @@ class SD3Args:
 
     def __post_init__(self):
         object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
-        check_positive_ints(self, "SD3")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"SD3 config: {f.name} must be a positive integer, got {value!r}")
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"SD3 config: qk_norm={self.qk_norm!r} is not supported; use one of {QK_NORMS}")
         if self.caption_projection_dim != self.inner_dim:
@@ -56,8 +57,21 @@ class SD3Args:
 
     @classmethod
     def from_diffusers_config(cls, config: dict) -> SD3Args:
-        """Read a diffusers transformer config.json dict (see `diffusers_config_kwargs` for what is checked)."""
-        kwargs = diffusers_config_kwargs(cls, config, DIFFUSERS_CLASS_NAME, "SD3")
+        """Read a diffusers transformer config.json dict; metadata keys (leading `_`) are ignored.
+
+        An unknown non-metadata key raises: it would be an architecture option this port does not
+        implement, and silently dropping it could build a different network.
+        """
+        class_name = config.get("_class_name", DIFFUSERS_CLASS_NAME)
+        if class_name != DIFFUSERS_CLASS_NAME:
+            raise ValueError(f"SD3 config: _class_name is {class_name!r}, expected {DIFFUSERS_CLASS_NAME!r}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in names)
+        if unknown:
+            raise ValueError(f"SD3 config: unsupported keys {unknown}; this port implements only {sorted(names)}")
+        kwargs = {k: v for k, v in config.items() if k in names}
+        if kwargs.get("out_channels", 0) is None:  # diffusers: None means "same as in_channels"
+            kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
         if kwargs.get("pos_embed_max_size", 0) is None:
             raise ValueError("SD3 config: pos_embed_max_size=None (no cropped pos-embed) is not supported")
         return cls(**kwargs)

@@ -8,24 +8,23 @@ and stores the continuous adaLN halves as (shift, scale); one key table drives b
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from titan_flow.models.common.diffusers_io import (
-    CONFIG_NAME,
-    read_config,
-    read_safetensors,
-    read_weights,
-    transformer_dir,
-    write_diffusers_dir,
-)
-from titan_flow.models.common.state_dict import check_keys, listing, materialize
+from titan_flow.models.common.state_dict import check_keys, listing
 from titan_flow.models.sd3.args import SD3Args
 from titan_flow.models.sd3.model import SD3Transformer
 
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 ORIGINAL_PREFIX = "model.diffusion_model."
 SAI_HEAD_DIM = 64  # every SAI MMDiT uses 64-wide heads (hidden = 64 * depth)
 
@@ -211,6 +210,28 @@ def to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # --- files ------------------------------------------------------------------------------------
 
 
+def _read_safetensors(files: list[Path], device: torch.device | str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"SD3 checkpoint shard {f} is listed in the index but does not exist")
+        with safe_open(str(f), framework="pt", device=str(device)) as reader:
+            for key in reader.keys():
+                tensors[key] = reader.get_tensor(key)
+    return tensors
+
+
+def _transformer_dir(path: Path) -> Path:
+    """The diffusers transformer directory: `path` itself, or `path/transformer` for a pipeline root."""
+    for candidate in (path, path / "transformer"):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no {CONFIG_NAME} in {path} (nor in {path / 'transformer'}): expected a diffusers SD3 transformer "
+        "directory, a diffusers pipeline directory, or an SAI single-file .safetensors checkpoint"
+    )
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[SD3Args, dict[str, torch.Tensor]]:
     """(args, our state dict) from a diffusers directory or an SAI single-file checkpoint."""
     path = Path(path)
@@ -220,23 +241,29 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         if path.suffix != ".safetensors":
             raise ValueError(f"SD3 checkpoint {path}: a single file must be an SAI .safetensors checkpoint")
         try:
-            state_dict = from_original(read_safetensors([path], device, "SD3 checkpoint"))
+            state_dict = from_original(_read_safetensors([path], device))
             args = infer_args(state_dict)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         check_state_dict(state_dict, args, source=f"SD3 single-file checkpoint {path}")
         return args, state_dict
 
-    directory = transformer_dir(
-        path,
-        "a diffusers SD3 transformer directory, a diffusers pipeline directory, or an SAI single-file "
-        ".safetensors checkpoint",
-    )
+    directory = _transformer_dir(path)
     try:
-        args = SD3Args.from_diffusers_config(read_config(directory))
+        args = SD3Args.from_diffusers_config(json.loads((directory / CONFIG_NAME).read_text()))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{directory / CONFIG_NAME}: {e}") from None
-    state_dict = read_weights(directory, device, "SD3 checkpoint")
+    if (directory / INDEX_NAME).is_file():
+        weight_map = json.loads((directory / INDEX_NAME).read_text())["weight_map"]
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    elif (directory / WEIGHTS_NAME).is_file():
+        files = [directory / WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(
+            f"no {WEIGHTS_NAME} (or sharded {INDEX_NAME}) in {directory}; it holds: "
+            f"{sorted(p.name for p in directory.iterdir())}"
+        )
+    state_dict = _read_safetensors(files, device)
     check_state_dict(state_dict, args, source=f"SD3 checkpoint {directory}")
     return args, state_dict
 
@@ -246,7 +273,22 @@ def from_pretrained(
 ) -> SD3Transformer:
     """Our model with the checkpoint's weights, built on meta so no memory goes to a throwaway init."""
     args, state_dict = load_checkpoint(path, device)
-    return materialize(SD3Transformer, args, state_dict, dtype, device)
+    with torch.device("meta"):
+        model = SD3Transformer(args)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype)
+
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", size.upper())
+    if not match:
+        raise ValueError(f"max_shard_size={size!r}: use bytes (int) or a string like '5GB' or '500MB'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 def save_diffusers(
@@ -260,4 +302,38 @@ def save_diffusers(
     state_dict = model_or_state_dict
     if isinstance(model_or_state_dict, nn.Module):
         state_dict = model_or_state_dict.state_dict()
-    return write_diffusers_dir(to_diffusers(state_dict, args), args.to_diffusers_config(), out_dir, max_shard_size)
+    state_dict = to_diffusers(state_dict, args)
+    limit = _parse_size(max_shard_size)
+
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for key, t in state_dict.items():
+        size = t.numel() * t.element_size()
+        if shards[-1] and shard_bytes + size > limit:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(key)
+        shard_bytes += size
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("diffusion_pytorch_model*.safetensors*"):  # an older save's shards or index
+        stale.unlink()
+    (out_dir / CONFIG_NAME).write_text(json.dumps(args.to_diffusers_config(), indent=2) + "\n")
+    names = (
+        [WEIGHTS_NAME]
+        if len(shards) == 1
+        else [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, keys in zip(names, shards):
+        # clone: views (e.g. q/k/v chunks of a fused tensor) share storage, which safetensors refuses.
+        tensors = {k: state_dict[k].detach().to("cpu", copy=True).contiguous() for k in keys}
+        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state_dict.values())
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
+        }
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return out_dir

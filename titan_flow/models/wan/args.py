@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
-from titan_flow.models.common.config import check_positive_ints, diffusers_config_kwargs
+from dataclasses import asdict, dataclass, fields
 
 DIFFUSERS_CLASS_NAME = "WanTransformer3DModel"
 QK_NORMS = ("rms_norm_across_heads",)
@@ -36,7 +34,10 @@ class WanArgs:
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
-        check_positive_ints(self, "Wan")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"Wan config: {f.name} must be a positive integer, got {value!r}")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"Wan config: patch_size must be 3 positive integers (t, h, w), got {self.patch_size}")
         if self.qk_norm not in QK_NORMS:
@@ -67,8 +68,21 @@ class WanArgs:
 
     @classmethod
     def from_diffusers_config(cls, config: dict) -> WanArgs:
-        """Read a diffusers transformer config.json dict (see `diffusers_config_kwargs` for what is checked)."""
-        kwargs = diffusers_config_kwargs(cls, config, DIFFUSERS_CLASS_NAME, "Wan")
+        """Read a diffusers transformer config.json dict; metadata keys (leading `_`) are ignored.
+
+        An unknown non-metadata key raises: it would be an architecture option this port does not
+        implement, and silently dropping it could build a different network.
+        """
+        class_name = config.get("_class_name", DIFFUSERS_CLASS_NAME)
+        if class_name != DIFFUSERS_CLASS_NAME:
+            raise ValueError(f"Wan config: _class_name is {class_name!r}, expected {DIFFUSERS_CLASS_NAME!r}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in names)
+        if unknown:
+            raise ValueError(f"Wan config: unsupported keys {unknown}; this port implements only {sorted(names)}")
+        kwargs = {k: v for k, v in config.items() if k in names}
+        if kwargs.get("out_channels", 0) is None:  # diffusers: None means "same as in_channels"
+            kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
         return cls(**kwargs)
 
     def to_diffusers_config(self) -> dict:

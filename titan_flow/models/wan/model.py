@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from titan_flow.models.common.attention import attention
+from titan_flow.models.common.attention import attention, merge_heads, split_heads
 from titan_flow.models.common.embeddings import TextProjection, TimestepEmbedding, timestep_sinusoid
 from titan_flow.models.common.layers import FeedForward
 from titan_flow.models.common.norms import FP32LayerNorm
-from titan_flow.models.common.rope import apply_interleaved_rope, axial_rope_cos_sin
+from titan_flow.models.common.axes_rope import apply_interleaved_rope, axes_rope_cos_sin
 from titan_flow.models.wan.args import ROPE_THETA, WanArgs
 
 
@@ -48,13 +48,12 @@ class WanAttention(nn.Module):
     ) -> torch.Tensor:
         """x (B, S, D) queries; keys and values from `context` (B, L, D), or from x itself."""
         kv = x if context is None else context
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))  # (B, S, heads, head_dim)
-        k = self.norm_k(self.to_k(kv)).unflatten(-1, (self.num_heads, -1))
-        v = self.to_v(kv).unflatten(-1, (self.num_heads, -1))
+        q = split_heads(self.norm_q(self.to_q(x)), self.num_heads)  # (B, heads, S, head_dim)
+        k = split_heads(self.norm_k(self.to_k(kv)), self.num_heads)
+        v = split_heads(self.to_v(kv), self.num_heads)
         if rope is not None:
             q, k = apply_interleaved_rope(q, *rope), apply_interleaved_rope(k, *rope)
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(q))
+        return self.to_out[0](merge_heads(attention(q, k, v)).type_as(q))
 
 
 class WanTransformerBlock(nn.Module):
@@ -152,10 +151,9 @@ class WanTransformer(nn.Module):
                 f"a video of {frames} x {rows} x {cols} tokens (frames x rows x columns) exceeds the RoPE table of "
                 f"rope_max_seq_len={limit} positions per axis; use fewer frames or a smaller size"
             )
-        grid = torch.meshgrid(
-            *(torch.arange(n, device=device) for n in (frames, rows, cols)), indexing="ij"
-        )
-        return axial_rope_cos_sin([g.reshape(-1) for g in grid], list(self.args.rope_axes_dims), ROPE_THETA)
+        grid = torch.meshgrid(*(torch.arange(n, device=device) for n in (frames, rows, cols)), indexing="ij")
+        ids = torch.stack([g.reshape(-1) for g in grid], dim=1)  # (tokens, 3): (frame, row, column)
+        return axes_rope_cos_sin(ids, self.args.rope_axes_dims, ROPE_THETA)
 
     def forward(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor

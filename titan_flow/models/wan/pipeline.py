@@ -19,16 +19,15 @@ flow_grpo's `general_ocr_wan2_1` does, step by step:
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from titan_flow.models.common.noise import gaussian_noise
-from titan_flow.models.common.pipeline_dir import check_layout, read_scheduler_config
+from titan_flow.models.common.latents import draw_noise
+from titan_flow.models.common.pipeline_files import check_layout, scheduler_config
 from titan_flow.models.common.schedules import NUM_TRAIN_TIMESTEPS, UNIPC_GRIDS, unipc_flow_sigmas
-from titan_flow.models.common.tiny import seeded, tiny_t5_tokenizer
+from titan_flow.models.common.tiny import seeded, t5_tokenizer
 from titan_flow.models.registry import pipeline_defaults
 from titan_flow.models.wan.args import FLAVORS
 
@@ -58,13 +57,15 @@ def _check_layout(root: Path) -> None:
 
 def read_flow_shift(root: Path) -> float:
     """The scheduler's flow_shift, checked to be a plain UniPC flow-sigma table (what `sigmas()` builds)."""
-    config = read_scheduler_config(root, _UNSUPPORTED_SCHEDULER_FLAGS, "Wan", "the static flow_shift table")
+    path, config = scheduler_config(root, _UNSUPPORTED_SCHEDULER_FLAGS, "Wan")
     if not config.get("use_flow_sigmas") or config.get("prediction_type") != "flow_prediction":
         raise ValueError(
-            f"{root / 'scheduler' / 'scheduler_config.json'}: Wan samples on UniPC's flow-sigma table; the scheduler "
-            f"must have use_flow_sigmas = true and prediction_type = 'flow_prediction', got "
-            f"{config.get('use_flow_sigmas')!r} and {config.get('prediction_type')!r}"
+            f"{path}: Wan samples on UniPC's flow-sigma table; the scheduler must have use_flow_sigmas = true and "
+            f"prediction_type = 'flow_prediction', got {config.get('use_flow_sigmas')!r} and "
+            f"{config.get('prediction_type')!r}"
         )
+    if config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS) != NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"{path}: num_train_timesteps must be {NUM_TRAIN_TIMESTEPS}, got {config['num_train_timesteps']}")
     return float(config.get("flow_shift", 1.0))
 
 
@@ -215,7 +216,7 @@ class WanT2VPipeline:
 
     def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
         """N(0, I) video latents (n, C, F', H/8, W/8), drawn on the generator's device (as diffusers), then moved."""
-        return gaussian_noise(n, self.latent_shape, generator, self.device)
+        return draw_noise(n, self.latent_shape, generator, self.device)
 
     def timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
         """The integer timesteps the transformer is fed for sigmas (B,): the scheduler's value for a sigma
@@ -279,8 +280,7 @@ def build_tiny_wan_pipeline(seed: int = 0):
     from transformers import UMT5Config, UMT5EncoderModel
 
     debug = FLAVORS["debug"]
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = tiny_t5_tokenizer(Path(scratch) / "umt5")
+    tokenizer = t5_tokenizer()  # UMT5 uses T5's tokenizer layout
 
     text_config = UMT5Config(
         vocab_size=len(tokenizer),

@@ -3,9 +3,9 @@
 Our module names are diffusers', so the diffusers mapping is the identity, checked key by key and
 shape by shape. The original checkpoints (Wan-AI/Wan2.1-T2V-1.3B and -14B, `WanModel` in their
 config.json; or a single .safetensors file, optionally under `model.diffusion_model.`) name the same
-tensors differently, with no reshaping: one table maps every key both ways. The only trap is the
-cross-attention norm, `norm3` in the original and `norm2` in diffusers (the original calls its
-norms in the order norm1, norm3, norm2).
+tensors differently, with no reshaping: one rename table (models/common/state_dict.KeyRule) maps
+every key both ways. The only trap is the cross-attention norm, `norm3` in the original and `norm2`
+in diffusers (the original calls its norms in the order norm1, norm3, norm2).
 """
 
 from __future__ import annotations
@@ -15,71 +15,51 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from titan_flow.models.common.diffusers_io import (
+from titan_flow.models.common.state_dict import (
     CONFIG_NAME,
-    read_config,
+    KeyRule,
+    block_indices,
+    check_keys,
+    from_original_keys,
+    linear_rules,
+    load_diffusers_dir,
     read_safetensors,
-    read_weights,
-    transformer_dir,
+    to_original_keys,
     write_diffusers_dir,
 )
-from titan_flow.models.common.state_dict import check_keys, listing, materialize
 from titan_flow.models.wan.args import DIFFUSERS_CLASS_NAME, WanArgs
 from titan_flow.models.wan.model import WanTransformer
 
 ORIGINAL_CLASS_NAME = "WanModel"
 ORIGINAL_PREFIX = "model.diffusion_model."
 ORIGINAL_HEAD_DIM = 128  # every Wan2.1 model; the original checkpoint's shapes do not record the head split
-
-# Our (= diffusers) module path -> the original one. Block-level entries apply to every `blocks.{i}.`.
-_TOP_LEVEL = {
-    "patch_embedding": "patch_embedding",
-    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
-    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
-    "condition_embedder.time_proj": "time_projection.1",
-    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
-    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
-    "proj_out": "head.head",
-    "scale_shift_table": "head.modulation",
-}
-_IN_BLOCK = {
-    "scale_shift_table": "modulation",
-    "norm2": "norm3",  # the affine cross-attention norm
-    "ffn.net.0.proj": "ffn.0",
-    "ffn.net.2": "ffn.2",
-    **{
-        f"{ours}.{proj}": f"{original}.{short}"
-        for ours, original in (("attn1", "self_attn"), ("attn2", "cross_attn"))
-        for proj, short in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"),
-                            ("norm_q", "norm_q"), ("norm_k", "norm_k"))
-    },
-}
+WEIGHT = ("weight",)
 
 
-_TOP_LEVEL_BACK = {original: ours for ours, original in _TOP_LEVEL.items()}
-_IN_BLOCK_BACK = {original: ours for ours, original in _IN_BLOCK.items()}
-
-
-def _rename(key: str, top: dict[str, str], in_block: dict[str, str]) -> str:
-    """Rename the module path of `key` by the table (block entries under `blocks.{i}.`); KeyError if none applies."""
-    index, rest, table = None, key, top
-    if key.startswith("blocks."):
-        _, index, rest = key.split(".", 2)
-        table = in_block
-    for name, new in table.items():
-        if rest == name or rest.startswith(name + "."):
-            renamed = new + rest[len(name):]
-            return renamed if index is None else f"blocks.{index}.{renamed}"
-    raise KeyError(key)
-
-
-def _expected_shapes(args: WanArgs) -> dict[str, tuple]:
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in WanTransformer(args).state_dict().items()}
-
-
-def _block_indices(keys, prefix: str = "blocks.") -> list[int]:
-    return sorted({int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)})
+def _original_rules(num_layers: int, cross_attn_norm: bool) -> list[KeyRule]:
+    """original key <- our key, for every tensor of a Wan model of `num_layers` blocks."""
+    rules = [
+        *linear_rules("patch_embedding", ["patch_embedding"]),
+        *linear_rules("time_embedding.0", ["condition_embedder.time_embedder.linear_1"]),
+        *linear_rules("time_embedding.2", ["condition_embedder.time_embedder.linear_2"]),
+        *linear_rules("time_projection.1", ["condition_embedder.time_proj"]),
+        *linear_rules("text_embedding.0", ["condition_embedder.text_embedder.linear_1"]),
+        *linear_rules("text_embedding.2", ["condition_embedder.text_embedder.linear_2"]),
+        *linear_rules("head.head", ["proj_out"]),
+        KeyRule("head.modulation", ("scale_shift_table",)),
+    ]
+    for i in range(num_layers):
+        b = f"blocks.{i}"  # the same prefix in both layouts
+        rules.append(KeyRule(f"{b}.modulation", (f"{b}.scale_shift_table",)))
+        for original, ours in (("self_attn", "attn1"), ("cross_attn", "attn2")):
+            for short, proj in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0")):
+                rules += linear_rules(f"{b}.{original}.{short}", [f"{b}.{ours}.{proj}"])
+            for norm in ("norm_q", "norm_k"):
+                rules += linear_rules(f"{b}.{original}.{norm}", [f"{b}.{ours}.{norm}"], suffixes=WEIGHT)
+        if cross_attn_norm:
+            rules += linear_rules(f"{b}.norm3", [f"{b}.norm2"])  # the affine cross-attention norm
+        rules += linear_rules(f"{b}.ffn.0", [f"{b}.ffn.net.0.proj"]) + linear_rules(f"{b}.ffn.2", [f"{b}.ffn.net.2"])
+    return rules
 
 
 def infer_args(state_dict: dict[str, torch.Tensor], num_heads: int | None = None) -> WanArgs:
@@ -92,7 +72,6 @@ def infer_args(state_dict: dict[str, torch.Tensor], num_heads: int | None = None
         out_features = state_dict["proj_out.weight"].shape[0]
     except KeyError as e:
         raise ValueError(f"not a Wan transformer state dict: key {e} is missing") from None
-    layers = _block_indices(state_dict)
     num_heads = num_heads or dim // ORIGINAL_HEAD_DIM
     if dim % num_heads:
         raise ValueError(f"cannot split the width {dim} into {num_heads} attention heads")
@@ -105,14 +84,16 @@ def infer_args(state_dict: dict[str, torch.Tensor], num_heads: int | None = None
         text_dim=text_dim,
         freq_dim=freq_dim,
         ffn_dim=ffn_dim,
-        num_layers=layers[-1] + 1,
+        num_layers=block_indices(state_dict, "blocks.")[-1] + 1,
         cross_attn_norm="blocks.0.norm2.weight" in state_dict,
     )
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], args: WanArgs, source: str = "state dict") -> None:
     """Raise naming every missing, unexpected and mis-shaped key against the model `args` builds."""
-    check_keys(state_dict, _expected_shapes(args), f"{source} does not match the Wan model of {args}")
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in WanTransformer(args).state_dict().items()}
+    check_keys(state_dict, expected, f"{source} does not match the Wan model of {args}")
 
 
 def from_diffusers(state_dict: dict[str, torch.Tensor], args: WanArgs | None = None) -> dict[str, torch.Tensor]:
@@ -126,23 +107,13 @@ def to_diffusers(state_dict: dict[str, torch.Tensor], args: WanArgs | None = Non
     return from_diffusers(state_dict, args)
 
 
-def _rename_all(state_dict: dict[str, torch.Tensor], top, in_block) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(renamed state dict, the keys no rule applies to)."""
-    out, unknown = {}, []
-    for key, value in state_dict.items():
-        try:
-            out[_rename(key, top, in_block)] = value
-        except KeyError:
-            unknown.append(key)
-    return out, unknown
-
-
 def to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Ours -> the original Wan-AI keys (no prefix), tensors unchanged; inverse of `from_original`."""
-    out, unknown = _rename_all(state_dict, _TOP_LEVEL, _IN_BLOCK)
-    if unknown:
-        raise ValueError(f"not a Wan state dict in our layout: no original name for {listing(unknown)}")
-    return out
+    layers = block_indices(state_dict, "blocks.")
+    if not layers:
+        raise ValueError("not a Wan state dict in our layout: no blocks.* keys")
+    rules = _original_rules(layers[-1] + 1, "blocks.0.norm2.weight" in state_dict)
+    return to_original_keys(state_dict, rules, "Wan state dict")
 
 
 def from_original(state_dict: dict[str, torch.Tensor], num_heads: int | None = None) -> dict[str, torch.Tensor]:
@@ -150,12 +121,11 @@ def from_original(state_dict: dict[str, torch.Tensor], num_heads: int | None = N
     model the shapes imply (`num_heads` heads, else 128-wide ones)."""
     if any(k.startswith(ORIGINAL_PREFIX) for k in state_dict):
         state_dict = {k[len(ORIGINAL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(ORIGINAL_PREFIX)}
-    out, unknown = _rename_all(state_dict, _TOP_LEVEL_BACK, _IN_BLOCK_BACK)
-    if unknown:
-        raise ValueError(
-            f"original Wan checkpoint: unexpected keys {listing(unknown)} (image-to-video or other variants are "
-            "not supported)"
-        )
+    layers = block_indices(state_dict, "blocks.")
+    if "patch_embedding.weight" not in state_dict or not layers:
+        raise ValueError("not an original Wan checkpoint: no patch_embedding.weight or blocks.* keys")
+    rules = _original_rules(layers[-1] + 1, "blocks.0.norm3.weight" in state_dict)
+    out = from_original_keys(state_dict, rules, "original Wan checkpoint")
     check_state_dict(out, infer_args(out, num_heads), "original Wan checkpoint")
     return out
 
@@ -178,13 +148,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
             raise ValueError(f"{path}: {e}") from None
         return infer_args(state_dict), state_dict
 
-    directory = transformer_dir(
-        path, "a diffusers Wan transformer or pipeline directory, or an original Wan-AI checkpoint directory"
-    )
-    config = read_config(directory)
-    weights = read_weights(directory, device, "Wan checkpoint")
-    class_name = config.get("_class_name", DIFFUSERS_CLASS_NAME)
-    if class_name == ORIGINAL_CLASS_NAME:
+    # Read the config as it is, then tell the two layouts apart by its class name.
+    config, weights, directory = load_diffusers_dir(path, "Wan transformer", lambda config: config, device)
+    if config.get("_class_name", DIFFUSERS_CLASS_NAME) == ORIGINAL_CLASS_NAME:
         try:
             state_dict = from_original(weights, config.get("num_heads"))
         except ValueError as e:
@@ -203,7 +169,10 @@ def from_pretrained(
 ) -> WanTransformer:
     """Our model with the checkpoint's weights, built on meta so no memory goes to a throwaway init."""
     args, state_dict = load_checkpoint(path, device)
-    return materialize(WanTransformer, args, state_dict, dtype, device)
+    with torch.device("meta"):
+        model = WanTransformer(args)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype)
 
 
 def save_diffusers(
