@@ -1,6 +1,7 @@
-"""Wan on the real trainer: the CPU debug video job at 2 gloo ranks (on-policy ratio exactly 1, videos in
-TensorBoard, eval, checkpoints), Fast windows and the Wan SDE at 1 rank, the sample CLI writing videos
-with their prompt and reward, export to diffusers, and the wan_ocr recipe pinned to the reference."""
+"""Wan on the real trainer: the CPU debug video job (on-policy ratio exactly 1 at 1 rank, and at 2 gloo
+ranks under torchrun in the slow suite; videos in TensorBoard, eval, checkpoints), Fast windows on video,
+the sample CLI writing videos with their prompt and reward, export to diffusers, and the wan_ocr recipe
+pinned to the reference."""
 
 import io
 import json
@@ -28,34 +29,48 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "train_configs"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 FRAMES, HEIGHT, WIDTH = 9, 32, 48  # wan_debug_cpu.toml's videos
+# train_configs/wan_debug_cpu.toml shrunk to 3 epochs of 4 videos per rank (one group of 4)
+DEBUG_JOB = ["--job.config_file", str(CONFIGS / "wan_debug_cpu.toml"), "--training.steps", "3",
+             "--sampling.batch_size", "4", "--sampling.num_image_per_prompt", "4", "--eval.freq", "2",
+             "--eval.max_prompts", "4", "--checkpoint.interval", "2", "--metrics.image_log_freq", "2"]
 
 
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def debug_run(tmp_path_factory) -> Path:
-    """train_configs/wan_debug_cpu.toml under torchrun on 2 gloo processes, shrunk to 3 epochs."""
-    out = tmp_path_factory.mktemp("wan_outputs")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "titan_flow.train",
-           "--job.config_file", str(CONFIGS / "wan_debug_cpu.toml"), "--job.output_dir", str(out),
-           "--training.steps", "3", "--sampling.batch_size", "4", "--sampling.num_image_per_prompt", "4",
-           "--eval.freq", "2", "--eval.max_prompts", "4", "--checkpoint.interval", "2", "--metrics.image_log_freq", "2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return out / "wan_debug_cpu"
-
-
-def test_debug_video_job_is_on_policy_at_two_ranks(debug_run):
-    epochs = [m for m in read_metrics(debug_run) if "ratio/min" in m]
+def assert_on_policy(run: Path) -> None:
+    epochs = [m for m in read_metrics(run) if "ratio/min" in m]
     assert [m["step"] for m in epochs] == [0, 1, 2]
     for m in epochs:  # one round, one update per epoch: training re-scores the current policy's videos
         assert m["ratio/min"] == 1.0 and m["ratio/max"] == 1.0 and m["loss/approx_kl"] == 0.0
         assert m["optim/grad_norm"] > 0 and m["advantage/group_size"] == 4
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory) -> Path:
+    """The debug video job at 1 rank, in this process."""
+    out = tmp_path_factory.mktemp("wan_outputs")
+    assert main([*DEBUG_JOB, "--job.output_dir", str(out)]) == 0
+    return out / "wan_debug_cpu"
+
+
+def test_debug_video_job_is_on_policy(debug_run):
+    assert_on_policy(debug_run)
     config = json.loads((debug_run / "config.json").read_text())
     assert config["model"]["name"] == "wan" and config["sampling"]["sde_type"] == "wan"
     assert (config["model"]["resolution"], config["model"]["width"], config["model"]["num_frames"]) == (32, 48, 9)
+
+
+@pytest.mark.slow
+def test_debug_video_job_is_on_policy_at_two_ranks(tmp_path):
+    """The same job under torchrun on 2 gloo processes (FSDP2 shards, rewards and advantages gathered)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "titan_flow.train",
+           *DEBUG_JOB, "--job.output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert_on_policy(tmp_path / "wan_debug_cpu")
+    assert list((tmp_path / "wan_debug_cpu" / "tb").glob("events.out.tfevents.*"))
 
 
 def test_debug_video_job_writes_videos_eval_and_checkpoints(debug_run):
@@ -65,21 +80,24 @@ def test_debug_video_job_writes_videos_eval_and_checkpoints(debug_run):
     (events,) = (debug_run / "tb").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events), size_guidance={"images": 0}).Reload()
     assert {"rollout/images", "eval/images"} <= set(acc.Tags()["images"])
-    # rank 0's videos: its 4 rollouts, and its 2 of the 4 eval prompts
-    for tag, videos in (("rollout/images", 4), ("eval/images", 2)):
+    for tag in ("rollout/images", "eval/images"):  # 4 rollout videos, 4 eval prompts
         summary = acc.Images(tag)[-1]
         gif = Image.open(io.BytesIO(summary.encoded_image_string))
         assert gif.format == "GIF" and gif.n_frames == FRAMES  # a video summary: one frame per video frame
         gif.seek(4)
         frame = np.asarray(gif.convert("RGB"))
-        # a captioned grid of the logged videos in one row, each 32 x 48 with its caption under it
-        assert frame.shape == (HEIGHT + 28, videos * WIDTH, 3) and frame[:HEIGHT].std() > 1
+        # a captioned grid of the 4 videos in one row, each 32 x 48 with its caption under it
+        assert frame.shape == (HEIGHT + 28, 4 * WIDTH, 3) and frame[:HEIGHT].std() > 1
     assert {"rollout/images/prompts/text_summary", "eval/images/prompts/text_summary"} <= set(acc.Tags()["tensors"])
 
 
-def test_fast_window_and_wan_sde_on_video_at_one_rank(tmp_path):
-    """Flow-GRPO-Fast on video latents: a 2-step SDE window drawn per round, only its steps trained, on-policy."""
+@pytest.mark.parametrize("sde_type", ["wan", pytest.param("sde", marks=pytest.mark.slow),
+                                      pytest.param("cps", marks=pytest.mark.slow)])
+def test_fast_window_on_video_at_one_rank(tmp_path, sde_type):
+    """Flow-GRPO-Fast on video latents with each step type: a 2-step SDE window drawn per round, only its
+    steps trained, on-policy (ratio exactly 1)."""
     args = ["--job.config_file", str(CONFIGS / "wan_debug_cpu.toml"), "--job.output_dir", str(tmp_path),
+            "--sampling.sde_type", sde_type, "--sampling.noise_level", "1.0" if sde_type != "cps" else "0.8",
             "--training.steps", "3", "--sampling.batch_size", "4", "--sampling.num_image_per_prompt", "4",
             "--sampling.sde_window_size", "2", "--sampling.sde_window_range", "0,6", "--eval.freq", "0",
             "--checkpoint.enable", "false", "--metrics.image_log_freq", "0", "--metrics.enable_tensorboard", "false"]
