@@ -2,6 +2,7 @@
 
     python -m titan_flow.bench [--warmup 1] [--epochs 3] [--job.config_file X.toml --section.key value ...]
     torchrun --nproc-per-node 8 -m titan_flow.bench --job.config_file train_configs/sd3_pickscore.toml
+    python -m titan_flow.bench --backbone wan      # our backbone vs diffusers': fwd+bwd time, peak memory
 
 Runs the real trainer for warmup + measured epochs (no checkpoints, no eval, no TensorBoard) and
 prints, for every rank, its peak memory (CUDA: allocated and reserved by the caching allocator;
@@ -59,7 +60,12 @@ def throughput(run_dir: Path, warmup: int, world_size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, trainer_args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--backbone" or a.startswith("--backbone=") for a in argv):
+        from titan_flow.bench import backbone
+
+        return backbone.main(argv)
+    args, trainer_args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="titan_flow_bench_") as scratch:
         trainer_args = [
             *trainer_args, "--job.output_dir", scratch, "--job.run_name", "bench",

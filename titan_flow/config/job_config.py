@@ -41,7 +41,7 @@ class Job:
 
 @dataclass
 class Model:
-    name: str = choices("sd3", "sd3", "flux", "qwen_image", "bagel", help="model family")
+    name: str = choices("sd3", "sd3", "flux", "qwen_image", "bagel", "wan", help="model family")
     flavor: str = doc("debug", "named hyper-parameter set from the family's args.py (used when pretrained_path is empty)")
     pretrained_path: str = doc("", "local diffusers pipeline directory (or the family's native directory); empty = random-init flavor")
     dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the trained (master) weights")
@@ -49,8 +49,18 @@ class Model:
     encoder_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of frozen text encoders")
     vae_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the frozen VAE")
     resolution: int | None = doc(
-        None, "image height and width in pixels (Bagel edits keep the source's aspect ratio: longest side at most "
-        "this, shortest at least half of it)" + AUTO
+        None, "image height and width in pixels (video families: the height; Bagel edits keep the source's aspect "
+        "ratio: longest side at most this, shortest at least half of it)" + AUTO
+    )
+    width: int | None = doc(
+        None,
+        "width in pixels; image families make square images, so it must equal model.resolution; auto = "
+        "model.resolution for image families, the pipeline's width for video families",
+    )
+    num_frames: int | None = doc(
+        None,
+        "frames of a generated video (Wan: 4k+1; 1 for image families); auto = the video pipeline's default "
+        "(Wan: 81) with model.pretrained_path, the debug job's value for a random-init flavor",
     )
     max_sequence_length: int | None = doc(None, "T5/LLM text tokens (the reference uses 128 for SD3 training)" + AUTO)
     attention_backend: str = choices(
@@ -69,8 +79,12 @@ class Model:
 class Sampling:
     num_steps: int | None = doc(None, "denoising steps during rollout" + AUTO)
     guidance_scale: float | None = doc(None, "CFG scale during rollout (<= 1 disables CFG)" + AUTO)
-    noise_level: float = doc(1.0, "SDE noise level a")
-    sde_type: str = choices("sde", "sde", "cps", help="stochastic step used inside the SDE window")
+    noise_level: float = doc(1.0, "SDE noise level a (\"wan\": its noise is a sigma_1 sigma; the reference's is a = 1)")
+    sde_type: str = choices(
+        "sde", "sde", "cps", "wan",
+        help="stochastic step used inside the SDE window: sde (Flow-GRPO), cps (coefficients-preserving), wan "
+        "(flow_grpo's Wan2.1 step: noise sigma_1 sigma, exact Gaussian KL)",
+    )
     negative_prompt: str = doc("", "prompt of the unconditional CFG branch")
     num_image_per_prompt: int = doc(8, "group size G")
     batch_size: int = doc(8, "prompts (with repeats) per rank per sampling round (B)")

@@ -173,8 +173,8 @@ def generate_images(
     noise_generator: torch.Generator | None = None,
     images: list | None = None,
 ) -> torch.Tensor:
-    """Prompts (and, for edits, their source images) -> float NCHW images in [0, 1]: encode, sample from
-    fresh initial noise, decode.
+    """Prompts (and, for edits, their source images) -> float [0, 1] images (B, 3, H, W) or videos
+    (B, F, 3, H, W): encode, sample from fresh initial noise, decode.
 
     `initial_noise_generator` is a generator or one per prompt (Policy.initial_noise);
     `noise_generator` draws the SDE steps' noise.

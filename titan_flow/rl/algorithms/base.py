@@ -45,7 +45,7 @@ class RolloutBatch:
     source_images: list[torch.Tensor] | None  # the edit inputs the prompts were encoded with
     cond: dict
     trajectory: Trajectory
-    images: torch.Tensor
+    images: torch.Tensor  # decoded samples: images (B, 3, H, W) or videos (B, F, 3, H, W)
     pending_rewards: Future
     rewards: dict[str, torch.Tensor] | None = None
     advantages: torch.Tensor | None = None
