@@ -162,7 +162,7 @@ def test_dpo_pairs_are_padded_and_split_evenly_over_ranks(world):
         algo = FlowDPO.__new__(FlowDPO)
         algo.cfg = build_job_config(["--rl.algorithm", "dpo", "--sampling.num_batches_per_epoch", "2"])
         algo.dims = SimpleNamespace(world_size=world, rank=rank)
-        algo.epoch_view = SimpleNamespace(advantages=adv, prompts=keys)
+        algo.epoch_view = SimpleNamespace(advantages=adv, prompts=keys, keys=keys)
         mine, total = algo.my_pairs(epoch=3)
         assert total == 5
         shares.append(mine)

@@ -299,15 +299,16 @@ def test_config_validation():
 
 
 def test_bench_compares_the_same_network():
-    """`python -m titan_flow.bench --backbone qwen_image` times two implementations of one network: same
-    weights, same inputs, the same output."""
-    from titan_flow.bench.backbone import COMPARISONS
+    """`python -m titan_flow.bench --backbone qwen_image` times two implementations of one network: with the
+    same weights, the case's inputs give the same output through both."""
+    from titan_flow.bench.backbone import CASES
 
-    comparison = COMPARISONS["qwen_image"]
+    case = CASES["qwen_image"]
     torch.manual_seed(0)
-    reference = comparison.diffusers_model().eval()
-    ours = comparison.ours_from(reference).eval()
-    inputs = comparison.inputs(torch.device("cpu"))
+    reference = case.diffusers().eval()
+    ours = case.ours().eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    inputs = case.inputs(torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        expected = reference(**comparison.diffusers_inputs(inputs))[0]
+        expected = reference(**inputs, return_dict=False)[0]
         assert rel_err(ours(**inputs), expected) <= REL_TOL

@@ -2,7 +2,8 @@
 
     python -m titan_flow.bench [--warmup 1] [--epochs 3] [--job.config_file X.toml --section.key value ...]
     torchrun --nproc-per-node 8 -m titan_flow.bench --job.config_file train_configs/sd3_pickscore.toml
-    python -m titan_flow.bench --backbone qwen_image [--device cpu] [--dtype float32] [--iters 10]
+    python -m titan_flow.bench --backbone wan      # our backbone vs diffusers': fwd+bwd time, peak memory
+    python -m titan_flow.bench --backbone qwen_image
 
 Runs the real trainer for warmup + measured epochs (no checkpoints, no eval, no TensorBoard) and
 prints, for every rank, its peak memory (CUDA: allocated and reserved by the caching allocator;

@@ -1,198 +1,219 @@
-"""Our hand-ported backbone vs diffusers' class: forward + backward time and peak memory, side by side.
+"""Our backbone vs diffusers' implementation: forward + backward time and peak memory at the same config.
 
-    python -m titan_flow.bench --backbone qwen_image [--device cpu] [--dtype float32] [--iters 10]
-    python -m titan_flow.bench.backbone --backbone qwen_image
+    python -m titan_flow.bench --backbone wan [--iters 5] [--dtype bfloat16] [--device cuda]
+    python -m titan_flow.bench --backbone qwen_image
 
-Both implementations get the same small config, the same weights (ours loads diffusers' state dict) and
-the same inputs. Time: one process runs `--iters` fwd+bwd steps of each, alternating, after one warm-up
-step each, so a machine whose load drifts slows both alike; the median and the minimum are printed.
-Peak memory: each implementation in a fresh process (one's allocations cannot hide the other's), the
-CUDA allocator's peak over one fwd+bwd step above what the model, its inputs and the warm-up's
-gradients hold (on the CPU: the growth of the process's peak resident set over its size before the step).
+Both models are built with the same config and run on the same inputs; a step is forward + backward
+of mean(output^2). Time: one process holds both models and alternates their steps (one warm-up step
+each, then `--iters` timed steps each), so a machine whose load drifts slows both alike; the median
+step is reported. Memory: each model in a fresh process of its own, one warm-up and one measured
+step; on CUDA the allocator's peak above what the model and inputs took, on the CPU the growth of the
+process's peak resident set (which the C allocator's caching blurs by some MiB), and on both the
+activations autograd keeps for backward (distinct storages, counted once). The config is small enough for a CPU; the figures compare
+implementations, they do not predict full-size throughput.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import multiprocessing
 import resource
 import statistics
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-MIB = 2**20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+IMPLEMENTATIONS = ("ours", "diffusers")
+MIB = 2**20
 
 
 @dataclass(frozen=True)
-class Comparison:
-    """How to build diffusers' model, ours from its weights, and one batch of inputs for each."""
-
+class Case:
     description: str
-    diffusers_model: Callable[[], torch.nn.Module]
-    ours_from: Callable[[torch.nn.Module], torch.nn.Module]
-    inputs: Callable[[torch.device], dict]  # our forward's keyword arguments
-    diffusers_inputs: Callable[[dict], dict]  # ours -> diffusers' keyword arguments
+    ours: Callable[[], torch.nn.Module]
+    diffusers: Callable[[], torch.nn.Module]
+    inputs: Callable[[torch.device, torch.dtype], dict]  # keyword inputs both forwards take
+
+
+def _wan_config() -> dict:
+    return dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
+                text_dim=256, freq_dim=256, ffn_dim=1024, num_layers=4, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def _wan_ours() -> torch.nn.Module:
+    from titan_flow.models.wan import WanArgs, WanTransformer
+
+    model = WanTransformer(WanArgs(**_wan_config()))
+    model.init_weights()
+    return model
+
+
+def _wan_diffusers() -> torch.nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**_wan_config())
+
+
+def _wan_inputs(device: torch.device, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(2, 16, 5, 16, 24, generator=g).to(device, dtype),
+        timestep=torch.tensor([999, 500]).to(device),
+        encoder_hidden_states=torch.randn(2, 64, 256, generator=g).to(device, dtype),
+    )
 
 
 # Qwen-Image at a size a CPU runs in seconds: 2 blocks of width 256 (4 heads of 64, the published head
 # split scaled), a 256 px target's 256 image tokens plus 64 text tokens (one prompt padded), batch 2.
-QWEN_SMALL = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=64,
-                  num_attention_heads=4, joint_attention_dim=256, axes_dims_rope=(8, 28, 28))
+def _qwen_config() -> dict:
+    return dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=64,
+                num_attention_heads=4, joint_attention_dim=256, axes_dims_rope=(8, 28, 28))
 
 
-def _qwen_diffusers():
-    from diffusers import QwenImageTransformer2DModel
-
-    return QwenImageTransformer2DModel(**QWEN_SMALL)
-
-
-def _qwen_ours(reference: torch.nn.Module) -> torch.nn.Module:
+def _qwen_ours() -> torch.nn.Module:
     from titan_flow.models.qwen_image import QwenImageArgs, QwenImageTransformer
 
-    model = QwenImageTransformer(QwenImageArgs(**QWEN_SMALL))
-    model.load_state_dict(reference.state_dict(), strict=True)
+    model = QwenImageTransformer(QwenImageArgs(**_qwen_config()))
+    model.init_weights()
     return model
 
 
-def _qwen_inputs(device: torch.device) -> dict:
+def _qwen_diffusers() -> torch.nn.Module:
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(**_qwen_config())
+
+
+def _qwen_inputs(device: torch.device, dtype: torch.dtype) -> dict:
     g = torch.Generator().manual_seed(0)
     batch, grid, text = 2, 16, 64
     mask = torch.ones(batch, text, dtype=torch.long)
-    mask[1, 40:] = 0
+    mask[1, 40:] = 0  # the second prompt is 40 tokens, padded to 64
     return dict(
-        hidden_states=torch.randn(batch, grid * grid, QWEN_SMALL["in_channels"], generator=g).to(device),
-        encoder_hidden_states=torch.randn(batch, text, QWEN_SMALL["joint_attention_dim"], generator=g).to(device),
+        hidden_states=torch.randn(batch, grid * grid, 64, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(batch, text, 256, generator=g).to(device, dtype),
         encoder_hidden_states_mask=mask.to(device),
-        timestep=torch.rand(batch, generator=g).to(device),
-        img_shapes=[(1, grid, grid)],
+        timestep=torch.rand(batch, generator=g).to(device, dtype),
+        img_shapes=[[(1, grid, grid)]] * batch,  # diffusers' per-sample form, which ours also takes
     )
 
 
-def _qwen_diffusers_inputs(ours: dict) -> dict:
-    batch = ours["hidden_states"].shape[0]
-    return {**ours, "img_shapes": [ours["img_shapes"]] * batch, "return_dict": False}
-
-
-COMPARISONS = {
-    "qwen_image": Comparison(
-        "Qwen-Image MMDiT, 2 blocks x 256 wide, batch 2 x (256 image + 64 text tokens), masked padding",
-        _qwen_diffusers, _qwen_ours, _qwen_inputs, _qwen_diffusers_inputs,
-    ),
+CASES = {
+    "qwen_image": Case("Qwen-Image MMDiT, 2 blocks of width 256 (4 x 64 heads), batch 2, 256 image + 64 text "
+                       "tokens (one prompt masked to 40)", _qwen_ours, _qwen_diffusers, _qwen_inputs),
+    "wan": Case("Wan2.1 T2V, 4 blocks of width 256 (4 x 64 heads), batch 2, latent 16 x 5 x 16 x 24 = 480 tokens, "
+                "64 text tokens", _wan_ours, _wan_diffusers, _wan_inputs),
 }
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / MIB
 
 
-def _build(name: str, impl: str, device: torch.device, dtype: torch.dtype):
-    """(model, step) of one implementation; `step()` runs one fwd+bwd and waits for the device."""
-    comparison = COMPARISONS[name]
+def _build(family: str, which: str, dev: torch.device, dt: torch.dtype):
+    """(model, a function taking one forward + backward step and returning the MiB autograd saved for backward)."""
+    case = CASES[family]
     torch.manual_seed(0)
-    reference = comparison.diffusers_model()
-    model = comparison.ours_from(reference) if impl == "ours" else reference
-    model = model.to(device=device).train()
-    if dtype != torch.float32:  # (diffusers warns on any .to(dtype), even a no-op one)
-        model = model.to(dtype)
-    inputs = comparison.inputs(device)
-    inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
-              for k, v in inputs.items()}
-    if impl == "diffusers":
-        inputs = comparison.diffusers_inputs(inputs)
+    model = getattr(case, which)()
+    if (dev.type, dt) != ("cpu", torch.float32):  # where it was built
+        model = model.to(dev, dt)
+    model.train()
+    inputs = case.inputs(dev, dt)
 
-    def step():
-        out = model(**inputs)
-        out = out[0] if isinstance(out, tuple) else out
+    def step() -> float:
+        storages: dict[int, int] = {}  # distinct storages the graph keeps, each counted once
+
+        def keep(t):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = model(**inputs)
+        out = out if isinstance(out, torch.Tensor) else out[0]  # diffusers returns an output object
         out.float().square().mean().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        model.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return sum(storages.values()) / MIB
 
     return model, step
 
 
-def peak_memory(name: str, impl: str, device: torch.device, dtype: torch.dtype) -> float:
-    """MiB one fwd+bwd step allocates at its peak above the steady state (run in a fresh process)."""
-    _, step = _build(name, impl, device, dtype)
-    step()  # warm-up: allocator, lazily built tables, the gradients' storage
-    if device.type == "cuda":
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        return (torch.cuda.max_memory_allocated(device) - base) / MIB
-    base = _rss_mib()
-    step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-
-
-def times(name: str, device: torch.device, dtype: torch.dtype, iters: int) -> dict[str, list[float]]:
-    """Seconds of each fwd+bwd step of both implementations, interleaved, after one warm-up each."""
-    steps = {impl: _build(name, impl, device, dtype)[1] for impl in ("diffusers", "ours")}
-    for step in steps.values():
-        step()
-    out = {impl: [] for impl in steps}
-    for _ in range(iters):
-        for impl, step in steps.items():
+def _time_both(family: str, device: str, dtype: str, iters: int, queue) -> None:
+    """Child process: both implementations, steps alternated; reports {which: [ms per step]}."""
+    dev, dt = torch.device(device), DTYPES[dtype]
+    steps = {which: _build(family, which, dev, dt)[1] for which in IMPLEMENTATIONS}
+    times = {which: [] for which in IMPLEMENTATIONS}
+    for i in range(iters + 1):  # the first round warms up
+        for which, step in steps.items():
             t0 = time.perf_counter()
             step()
-            out[impl].append(time.perf_counter() - t0)
-    return out
+            if i:
+                times[which].append((time.perf_counter() - t0) * 1000)
+    queue.put(times)
 
 
-def run(name: str, device: str, dtype: str, iters: int) -> list[dict]:
-    """Both implementations' step times (this process) and peak memory (a fresh interpreter each)."""
-    measured = times(name, torch.device(device), DTYPES[dtype], iters)
-    results = []
-    for impl in ("diffusers", "ours"):
-        cmd = [sys.executable, "-m", "titan_flow.bench.backbone", "--backbone", name, "--device", device,
-               "--dtype", dtype, "--worker", impl]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise SystemExit(f"bench worker {impl} failed:\n{proc.stderr[-3000:]}")
-        results.append({"impl": impl, "ms": 1000 * statistics.median(measured[impl]),
-                        "ms_min": 1000 * min(measured[impl]),
-                        "peak_mib": json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]})
-    return results
+def _peak_memory(family: str, which: str, device: str, dtype: str, queue) -> None:
+    """Child process: one implementation's (peak MiB over a warm-up and a measured step, MiB saved for backward)."""
+    dev, dt = torch.device(device), DTYPES[dtype]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    _, step = _build(family, which, dev, dt)
+    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else _rss_mib() * MIB
+    step()
+    saved = step()
+    if dev.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(dev) - base) / MIB
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base / MIB  # Linux reports KiB
+    queue.put((peak, saved))
 
 
-def report(name: str, device: str, dtype: str, iters: int, results: list[dict]) -> str:
-    ref, ours = results
-    lines = [f"[bench] {COMPARISONS[name].description}; {device}, {dtype}, median of {iters} fwd+bwd steps each, "
-             "interleaved"]
-    for r in results:
-        lines.append(f"[bench]   {r['impl']:>9}: {r['ms']:9.1f} ms (min {r['ms_min']:.1f})   "
-                     f"peak memory above the model {r['peak_mib']:8.1f} MiB")
-    lines.append(f"[bench]   ours / diffusers: time {ours['ms'] / ref['ms']:.3f}x, "
-                 f"peak memory {ours['peak_mib'] / max(ref['peak_mib'], 1e-9):.3f}x")
-    return "\n".join(lines)
+def _in_child(target, *args):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=target, args=(*args, queue))
+    child.start()
+    result = queue.get(timeout=1800)
+    child.join()
+    return result
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m titan_flow.bench.backbone", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", required=True, choices=sorted(COMPARISONS))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--iters", type=int, default=10, help="timed fwd+bwd steps of each (after one warm-up)")
-    p.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+def compare(family: str, device: str = "cpu", dtype: str = "float32", iters: int = 5) -> dict[str, tuple]:
+    """{"ours" | "diffusers": (median ms per forward+backward, peak MiB, MiB saved for backward)}."""
+    if family not in CASES:
+        raise SystemExit(f"--backbone: no comparison for {family!r}; available: {', '.join(CASES)}")
+    times = _in_child(_time_both, family, device, dtype, iters)
+    return {which: (statistics.median(times[which]), *_in_child(_peak_memory, family, which, device, dtype))
+            for which in IMPLEMENTATIONS}
+
+
+def report(family: str, results: dict[str, tuple], device: str, dtype: str, iters: int) -> str:
+    peak = "peak CUDA memory above the model" if device.startswith("cuda") else "peak RSS growth"
+    rows = [f"[bench]   {which:9s} {ms:9.1f} ms   {peak} {mib:8.1f} MiB   saved for backward {saved:8.1f} MiB"
+            for which, (ms, mib, saved) in results.items()]
+    (ours_ms, ours_mib, ours_saved), (ref_ms, ref_mib, ref_saved) = results["ours"], results["diffusers"]
+    return "\n".join([
+        f"[bench] {family} forward+backward, {CASES[family].description}, {dtype} on {device}, "
+        f"median of {iters} alternated steps each:",
+        *rows,
+        f"[bench]   ours / diffusers: time {ours_ms / ref_ms:.2f}x, peak memory {ours_mib / max(ref_mib, 1e-9):.2f}x, "
+        f"saved for backward {ours_saved / max(ref_saved, 1e-9):.2f}x",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    if a.iters < 1:
-        raise SystemExit(f"--iters must be >= 1, got {a.iters}")
-    if a.worker:
-        print(json.dumps({"peak_mib": peak_memory(a.backbone, a.worker, torch.device(a.device), DTYPES[a.dtype])}))
-        return 0
-    print(report(a.backbone, a.device, a.dtype, a.iters, run(a.backbone, a.device, a.dtype, a.iters)), flush=True)
+    p = argparse.ArgumentParser(prog="python -m titan_flow.bench --backbone", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", required=True, choices=sorted(CASES))
+    p.add_argument("--iters", type=int, default=5, help="timed forward+backward steps (after one warm-up)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    print(report(a.backbone, compare(a.backbone, a.device, a.dtype, a.iters), a.device, a.dtype, a.iters), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -70,7 +70,7 @@ class QwenImageArgs:
     @classmethod
     def from_diffusers_config(cls, config: dict) -> QwenImageArgs:
         """Read a diffusers transformer config.json dict (see `diffusers_config_kwargs`)."""
-        kwargs = diffusers_config_kwargs(config, DIFFUSERS_CLASS_NAME, (f.name for f in fields(cls)), "Qwen-Image")
+        kwargs = diffusers_config_kwargs(cls, config, DIFFUSERS_CLASS_NAME, "Qwen-Image")
         if kwargs.get("out_channels", 0) is None:  # diffusers: None means "same as in_channels"
             kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
         return cls(**kwargs)

@@ -400,8 +400,11 @@ class QwenImagePipeline:
     def latent_shape(self) -> tuple[int, int]:
         return (self.num_tokens, 4 * self.latent_channels)
 
-    def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
-        """N(0, I) latents drawn as diffusers draws them ((B, 1, C, h, w) on the generator's device), packed."""
+    def initial_noise(
+        self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None, cond: dict | None = None
+    ) -> torch.Tensor:
+        """N(0, I) latents drawn as diffusers draws them ((B, 1, C, h, w) on the generator's device), packed;
+        `cond` is unused (the target is square at model.resolution, an edit's source image included)."""
         shape = (1, self.latent_channels, self.latent_size, self.latent_size)
         return pack_latents(draw_noise(n, shape, generator, self.device)[:, 0])
 

@@ -13,15 +13,14 @@ import torch
 import torch.nn as nn
 
 from titan_flow.models.common.state_dict import (
-    build_with_weights,
+    build_loaded,
     check_keys,
     load_diffusers_dir,
-    write_diffusers_weights,
+    state_dict_of,
+    write_diffusers_dir,
 )
 from titan_flow.models.qwen_image.args import QwenImageArgs
 from titan_flow.models.qwen_image.model import QwenImageTransformer
-
-DIRECTORY_HINT = "a diffusers QwenImageTransformer2DModel directory or a QwenImagePipeline / QwenImageEditPipeline directory"
 
 
 def _rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -84,9 +83,10 @@ def load_checkpoint(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Qwen-Image checkpoint not found: {path} does not exist")
-    args, state_dict, _ = load_diffusers_dir(
-        path, QwenImageArgs.from_diffusers_config, check_state_dict, "Qwen-Image", DIRECTORY_HINT, device
+    args, state_dict, directory = load_diffusers_dir(
+        path, "QwenImageTransformer2DModel", QwenImageArgs.from_diffusers_config, device, single_file=False
     )
+    check_state_dict(state_dict, args, source=f"Qwen-Image checkpoint {directory}")
     return args, state_dict
 
 
@@ -95,7 +95,7 @@ def from_pretrained(
 ) -> QwenImageTransformer:
     """Our model with the checkpoint's weights, built on meta so no memory goes to a throwaway init."""
     args, state_dict = load_checkpoint(path, device)
-    return build_with_weights(QwenImageTransformer, args, state_dict, dtype, device)
+    return build_loaded(QwenImageTransformer, args, state_dict, dtype, device)
 
 
 def save_diffusers(
@@ -105,7 +105,5 @@ def save_diffusers(
     max_shard_size: int | str = "10GB",
 ) -> Path:
     """Write a diffusers transformer directory that `QwenImageTransformer2DModel.from_pretrained` loads."""
-    state_dict = model_or_state_dict
-    if isinstance(model_or_state_dict, nn.Module):
-        state_dict = model_or_state_dict.state_dict()
-    return write_diffusers_weights(to_diffusers(state_dict, args), args.to_diffusers_config(), out_dir, max_shard_size)
+    state_dict = to_diffusers(state_dict_of(model_or_state_dict), args)
+    return write_diffusers_dir(state_dict, args.to_diffusers_config(), out_dir, max_shard_size)

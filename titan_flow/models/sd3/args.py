@@ -60,7 +60,7 @@ class SD3Args:
     @classmethod
     def from_diffusers_config(cls, config: dict) -> SD3Args:
         """Read a diffusers transformer config.json dict (see `diffusers_config_kwargs`)."""
-        kwargs = diffusers_config_kwargs(config, DIFFUSERS_CLASS_NAME, (f.name for f in fields(cls)), "SD3")
+        kwargs = diffusers_config_kwargs(cls, config, DIFFUSERS_CLASS_NAME, "SD3")
         if kwargs.get("out_channels", 0) is None:  # diffusers: None means "same as in_channels"
             kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
         if kwargs.get("pos_embed_max_size", 0) is None:

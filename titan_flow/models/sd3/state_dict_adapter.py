@@ -15,12 +15,14 @@ import torch
 import torch.nn as nn
 
 from titan_flow.models.common.state_dict import (
-    build_with_weights,
+    block_indices,
+    build_loaded,
     check_keys,
     load_diffusers_dir,
     listing,
     read_safetensors,
-    write_diffusers_weights,
+    state_dict_of,
+    write_diffusers_dir,
 )
 from titan_flow.models.sd3.args import SD3Args
 from titan_flow.models.sd3.model import SD3Transformer
@@ -28,10 +30,6 @@ from titan_flow.models.sd3.model import SD3Transformer
 ORIGINAL_PREFIX = "model.diffusion_model."
 SAI_HEAD_DIM = 64  # every SAI MMDiT uses 64-wide heads (hidden = 64 * depth)
 
-
-
-def _block_indices(keys, prefix: str) -> list[int]:
-    return sorted({int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)})
 
 
 def infer_args(state_dict: dict[str, torch.Tensor], head_dim: int | None = None) -> SD3Args:
@@ -50,7 +48,7 @@ def infer_args(state_dict: dict[str, torch.Tensor], head_dim: int | None = None)
         out_features = state_dict["proj_out.weight"].shape[0]
     except KeyError as e:
         raise ValueError(f"not an SD3 transformer state dict: key {e} is missing") from None
-    layers = _block_indices(state_dict, "transformer_blocks.")
+    layers = block_indices(state_dict, "transformer_blocks.")
     if not layers:
         raise ValueError("not an SD3 transformer state dict: no transformer_blocks.* keys")
     norm_q = state_dict.get("transformer_blocks.0.attn.norm_q.weight")
@@ -171,10 +169,10 @@ def from_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     it (VAE, text encoders bundled in the same file) are ignored."""
     if any(k.startswith(ORIGINAL_PREFIX) for k in state_dict):
         state_dict = {k[len(ORIGINAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(ORIGINAL_PREFIX)}
-    layers = _block_indices(state_dict, "joint_blocks.")
+    layers = block_indices(state_dict, "joint_blocks.")
     if not layers:
         raise ValueError("not an SD3 single-file checkpoint: no (model.diffusion_model.)joint_blocks.* keys")
-    dual = set(_block_indices([k for k in state_dict if ".x_block.attn2." in k], "joint_blocks."))
+    dual = set(block_indices([k for k in state_dict if ".x_block.attn2." in k], "joint_blocks."))
     table = _original_key_table(layers[-1] + 1, dual, qk_norm=any(".ln_q." in k for k in state_dict))
     out, missing = {}, []
     for original, ours, how in table:
@@ -190,10 +188,10 @@ def from_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Ours -> SAI single-file keys (with the `model.diffusion_model.` prefix); inverse of from_original."""
-    layers = _block_indices(state_dict, "transformer_blocks.")
+    layers = block_indices(state_dict, "transformer_blocks.")
     if not layers:
         raise ValueError("not an SD3 transformer state dict: no transformer_blocks.* keys")
-    dual = set(_block_indices([k for k in state_dict if ".attn2." in k], "transformer_blocks."))
+    dual = set(block_indices([k for k in state_dict if ".attn2." in k], "transformer_blocks."))
     table = _original_key_table(layers[-1] + 1, dual, qk_norm=any(".attn.norm_q." in k for k in state_dict))
     out, missing = {}, []
     for original, ours, how in table:
@@ -208,12 +206,6 @@ def to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # --- files ------------------------------------------------------------------------------------
-
-
-DIRECTORY_HINT = (
-    "a diffusers SD3 transformer directory, a diffusers pipeline directory, or an SAI single-file "
-    ".safetensors checkpoint"
-)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[SD3Args, dict[str, torch.Tensor]]:
@@ -232,9 +224,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         check_state_dict(state_dict, args, source=f"SD3 single-file checkpoint {path}")
         return args, state_dict
 
-    args, state_dict, _ = load_diffusers_dir(
-        path, SD3Args.from_diffusers_config, check_state_dict, "SD3", DIRECTORY_HINT, device
-    )
+    args, state_dict, directory = load_diffusers_dir(path, "SD3 transformer", SD3Args.from_diffusers_config, device)
+    check_state_dict(state_dict, args, source=f"SD3 checkpoint {directory}")
     return args, state_dict
 
 
@@ -243,7 +234,7 @@ def from_pretrained(
 ) -> SD3Transformer:
     """Our model with the checkpoint's weights, built on meta so no memory goes to a throwaway init."""
     args, state_dict = load_checkpoint(path, device)
-    return build_with_weights(SD3Transformer, args, state_dict, dtype, device)
+    return build_loaded(SD3Transformer, args, state_dict, dtype, device)
 
 
 def save_diffusers(
@@ -254,7 +245,5 @@ def save_diffusers(
 ) -> Path:
     """Write a diffusers transformer directory (config.json + safetensors, sharded above
     `max_shard_size`) that `SD3Transformer2DModel.from_pretrained(out_dir)` loads."""
-    state_dict = model_or_state_dict
-    if isinstance(model_or_state_dict, nn.Module):
-        state_dict = model_or_state_dict.state_dict()
-    return write_diffusers_weights(to_diffusers(state_dict, args), args.to_diffusers_config(), out_dir, max_shard_size)
+    state_dict = to_diffusers(state_dict_of(model_or_state_dict), args)
+    return write_diffusers_dir(state_dict, args.to_diffusers_config(), out_dir, max_shard_size)
