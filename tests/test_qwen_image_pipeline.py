@@ -408,6 +408,18 @@ def test_tiny_pipeline_is_deterministic_from_seed_and_does_both_tasks():
     edit = a.encode(["make it red"], images=[torch.rand(3, 48, 80)])
     assert edit["image_latents"].shape == (1, 4, 8, 12)  # 96 x 64 px: ~64^2 pixels at 5:3, multiples of 32
     assert edit["prompt_embeds"].shape[1] > 0
+    # model.condition_size: the source's own area (aspect kept), or diffusers' ~1024^2
+    native = QwenImagePipeline.load("", device="cpu", resolution=64, max_sequence_length=8, condition_size="native")
+    assert native.condition_size(Image.new("RGB", (96, 80))) == (64, 96)  # 96 x 80 -> sides rounded to 32
+    assert native.condition_size(Image.new("RGB", (200, 120))) == (128, 192)
+    preferred = QwenImagePipeline.load("", device="cpu", resolution=64, max_sequence_length=8,
+                                       condition_size="preferred")
+    width, height, _ = diffusers_edit.calculate_dimensions(1024 * 1024, 96 / 80)
+    assert preferred.condition_size(Image.new("RGB", (96, 80))) == (height, width) == (928, 1120)
+    with pytest.raises(ValueError, match=r"model.condition_size: 'square' is not one of"):
+        QwenImagePipeline.load("", device="cpu", resolution=64, max_sequence_length=8, condition_size="square")
+    with pytest.raises(ValueError, match=r"a 20 x 12 source image at about 240 pixels rounds to a 32 x 0 condition"):
+        native.encode(["make it red"], images=[Image.new("RGB", (20, 12))])
 
 
 def test_pretrained_defaults_are_the_pipelines(tiny_dir, edit_dir):

@@ -17,8 +17,8 @@ as attention keys (diffusers >= 0.37), so a prompt's velocity does not depend on
 with. flow_grpo ran diffusers versions that ignored the mask, so its padded rows did perturb
 attention; that is its bug, not reproduced here.
 
-Editing: the source image conditions both networks. Qwen2.5-VL sees it (resized to about 1024^2
-pixels, fed to the VL processor as a PIL image) through the vision tokens of the edit template, for
+Editing: the source image conditions both networks. Qwen2.5-VL sees it (resized, aspect kept, to about
+1024^2 pixels as diffusers does, or to the area `condition_size` says; fed to the VL processor as a PIL image) through the vision tokens of the edit template, for
 the instruction and for the negative prompt alike; the backbone sees its VAE latents (the
 posterior mean, normalised with the VAE's per-channel mean/std) as extra tokens after the noisy
 ones, a second image in `img_shapes`. Only the noisy tokens' outputs are the velocity.
@@ -60,6 +60,9 @@ EDIT_DROP = 64
 TOKENIZER_MAX_LENGTH = 1024  # text tokens after the dropped prefix (diffusers' tokenizer_max_length)
 DEFAULT_SAMPLE_SIZE = 128  # diffusers' default_sample_size: latent pixels, so 1024 px with the 8x VAE
 CONDITION_AREA = 1024 * 1024  # the edit pipeline resizes the source image to about this many pixels
+# model.condition_size: the source image's area before it becomes condition tokens (its aspect kept):
+# the target's (resolution^2), its own, or diffusers' and flow_grpo's ~1024^2.
+CONDITION_SIZES = ("resolution", "native", "preferred")
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 # What `load` needs in each subfolder: any one of the alternatives (a tuple of files that must all exist).
@@ -206,7 +209,7 @@ class QwenImagePipeline:
         negative_prompt: str,
         processor=None,
         text_to_image: bool = True,
-        condition_area: int = CONDITION_AREA,
+        condition_area: int | None = CONDITION_AREA,
     ):
         from diffusers.image_processor import VaeImageProcessor
 
@@ -258,14 +261,22 @@ class QwenImagePipeline:
         max_sequence_length: int = 512,
         negative_prompt: str = "",
         seed: int = 0,
+        condition_size: str | None = None,
         condition_area: int | None = None,
     ) -> QwenImagePipeline:
         """Load from a diffusers QwenImagePipeline or QwenImageEditPipeline directory (editing iff it has a
         `processor/`); '' builds the tiny random pipeline from `seed`, which does both.
 
-        `condition_area`: pixels the edit source image is resized to (aspect kept, sides multiples of
-        32); default diffusers' 1024^2 for a published directory, resolution^2 for the tiny one (CPU).
+        The edit source image is resized (aspect kept, sides multiples of 32) to about `condition_area`
+        pixels if given, else by `condition_size` (model.condition_size): "resolution" = resolution^2,
+        "native" = its own area, "preferred" = diffusers' 1024^2 (flow_grpo's too). Default: "preferred"
+        for a published directory, "resolution" for the tiny one (CPU).
         """
+        if condition_size is not None and condition_size not in CONDITION_SIZES:
+            raise ValueError(f"model.condition_size: {condition_size!r} is not one of {CONDITION_SIZES}")
+        if condition_area is None:
+            size = condition_size or ("preferred" if pretrained_path else "resolution")
+            condition_area = {"resolution": resolution**2, "native": None, "preferred": CONDITION_AREA}[size]
         kwargs = dict(
             device=device, resolution=resolution, max_sequence_length=max_sequence_length,
             negative_prompt=negative_prompt,
@@ -278,7 +289,7 @@ class QwenImagePipeline:
                 vae=tiny.vae if vae_dtype == torch.float32 else tiny.vae.to(vae_dtype),
                 scheduler_config=dict(tiny.scheduler.config),
                 processor=tiny.processor,
-                condition_area=condition_area or resolution**2,
+                condition_area=condition_area,
                 **kwargs,
             )
 
@@ -295,7 +306,7 @@ class QwenImagePipeline:
             scheduler_config=json.loads((root / "scheduler" / "scheduler_config.json").read_text()),
             processor=load_processor(root / "processor") if editing else None,
             text_to_image=not editing,
-            condition_area=condition_area or CONDITION_AREA,
+            condition_area=condition_area,
             **kwargs,
         )
 
@@ -329,9 +340,15 @@ class QwenImagePipeline:
         return pad_text(hidden)
 
     def condition_size(self, image: Image.Image) -> tuple[int, int]:
-        """(height, width) the source image is resized to: about `condition_area` pixels at its aspect,
-        each side a multiple of 32 (the VAE's 8 x the 2x2 packing divides it)."""
-        width, height = calculate_dimensions(self.condition_area, image.width / image.height)
+        """(height, width) the source image is resized to: about `condition_area` pixels (None: its own)
+        at its aspect, each side a multiple of 32 (the VAE's 8 x the 2x2 packing divides it)."""
+        area = self.condition_area or image.width * image.height
+        width, height = calculate_dimensions(area, image.width / image.height)
+        if not width or not height:
+            raise ValueError(
+                f"encode: a {image.width} x {image.height} source image at about {area} pixels rounds to a "
+                f"{width} x {height} condition (sides are multiples of 32); use a larger image or model.condition_size"
+            )
         return height, width
 
     @torch.no_grad()
