@@ -1,10 +1,11 @@
-"""The debug Qwen-Image trained by the real trainer under torchrun on 2 gloo processes: Flow-GRPO with
-true CFG, its rollouts re-scored on-policy (importance ratio exactly 1 at every step and rank), and the
-two ranks' gradients reduced by FSDP2 (tests/test_parallel.py checks them against 1 process)."""
+"""The debug Qwen-Image and Qwen-Image-Edit trained by the real trainer (in process, and under torchrun on 2
+gloo processes): Flow-GRPO with true CFG, its rollouts re-scored on-policy (importance ratio exactly 1 at every
+step and rank), the two ranks' gradients reduced by FSDP2 (tests/test_parallel.py checks them against 1
+process); editing reads the shared counting-edit set through the data loader."""
 
+import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,57 +41,63 @@ def test_grpo_on_two_gloo_ranks_is_on_policy(tmp_path):
     assert epochs[1]["optim/grad_norm"] > 0
 
 
-# Qwen-Image-Edit on 2 ranks through the trainer's own builders (FSDP2-sharded backbone, the tiny edit-capable
-# pipeline): each rank edits its own source images, samples an SDE rollout and re-scores it with grad.
-EDIT_SCRIPT = r"""
-import sys
-import torch
-from titan_flow.config import build_job_config
-from titan_flow.distributed.utils import destroy_distributed, init_distributed
-from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
-from titan_flow.rl.sde import sde_step
-from titan_flow.train import build_model, build_policy
+# --------------------------------------------------------------------------- Qwen-Image-Edit, end to end
 
-cfg = build_job_config(sys.argv[1:])
-dims = init_distributed(cfg)
-policy = build_policy(cfg, dims.device)
-model = build_model(cfg, dims, trainable=True)
-g = torch.Generator().manual_seed(100 + dims.rank)
-images = [torch.rand(3, 48, 80, generator=g) for _ in range(2)]
-cond = policy.encode([f"make the {w} red" for w in ("cat", "car")], images=images)
-T, level, guidance = cfg.sampling.num_steps, cfg.sampling.noise_level, cfg.sampling.guidance_scale
-sigmas, levels = policy.sigmas(T), step_noise_levels(T, level, None)
-model.eval()
-traj = sample_trajectory(policy, model, cond, policy.initial_noise(2, g), sigmas, levels, "sde", guidance, generator=g)
-model.train()
-ratios = []
-for j in range(T - 1):
-    x = traj.latents[:, j]
-    v = policy.velocity(model, x, sigmas[j].expand(2), cond, guidance)
-    out = sde_step(v, x, sigmas[j].expand(2), sigmas[j + 1].expand(2), levels[j], "sde",
-                   prev_sample=traj.latents[:, j + 1], sigma_fallback=sigmas[1])
-    ratios.append(torch.exp(out.log_prob - traj.log_probs[:, j]))
-    out.log_prob.mean().backward()
-ratios = torch.stack(ratios)
-print(f"RANK {dims.rank} ratios equal to 1: {bool(torch.equal(ratios, torch.ones_like(ratios)))}; "
-      f"condition tokens {cond['image_latents'].shape}; grad {sum(p.grad.abs().sum().item() for p in model.parameters() if p.grad is not None) > 0}",
-      flush=True)
-destroy_distributed()
-"""
+EDIT_DEBUG = REPO / "train_configs" / "qwen_image_edit_debug_cpu.toml"
+# The shared counting-edit set and its built-in debug split come with the FLUX.1-Kontext work (issue item 3: one
+# implementation); until that is merged here these tests say so rather than pass.
+needs_builtin_edit_set = pytest.mark.skipif(
+    importlib.util.find_spec("titan_flow.data.debug_edit") is None,
+    reason="data.path = builtin:counting_edit (titan_flow/data/debug_edit.py) is not merged into this branch yet",
+)
+EDIT_SHORT = ["--job.config_file", str(EDIT_DEBUG), "--training.steps", "2", "--checkpoint.enable", "false"]
 
 
-def test_edit_rollout_rescored_on_two_gloo_ranks_is_on_policy(tmp_path):
-    """Until the editing data loader reaches the trainer, the edit policy's rollout/re-score runs here with the
-    trainer's builders: on both ranks the importance ratio of every SDE step is exactly 1."""
-    script = tmp_path / "edit_ratio.py"
-    script.write_text(EDIT_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-           *DEBUG_QWEN[:-4], "--sampling.noise_level", "1.0"]
+def assert_on_policy(epochs: list[dict], trained_steps: list[int]) -> None:
+    for m in epochs:  # one sampling round, one update per epoch: training re-scores its own rollouts
+        assert m["ratio/min"] == 1.0 and m["ratio/max"] == 1.0 and m["loss/approx_kl"] == 0.0, m["step"]
+        assert sorted(int(k.split("/")[1].split("_")[0]) for k in m if k.startswith("ratio_per_step/")
+                      and k.endswith("_mean")) == trained_steps
+        assert m["optim/grad_norm"] > 0
+
+
+@needs_builtin_edit_set
+def test_edit_debug_job_trains_on_policy_with_the_counting_edit_reward(tmp_path):
+    """train_configs/qwen_image_edit_debug_cpu.toml at 1 rank, in process: the built-in counting-edit set's
+    source images (drawn in 2 loader workers) condition Qwen2.5-VL and the backbone, the reward compares each
+    edit with its source (image_similarity, the counting-edit reward's CLIP part; tiny random CLIP), GRPO's
+    ratio is exactly 1 on the 5 SDE steps, and the TensorBoard grids show source | edit."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_rewards_models import tiny_clip_dir
+
+    from titan_flow.train import main
+
+    clip = tiny_clip_dir(tmp_path / "clip")
+    assert main([*EDIT_SHORT, "--job.output_dir", str(tmp_path), "--job.run_name", "edit",
+                 "--reward.fns", "image_similarity=0.2,jpeg_compressibility=0.8",
+                 "--reward.model_paths", f"image_similarity={clip}", "--metrics.image_log_freq", "1",
+                 "--eval.freq", "0"]) == 0
+    epochs = [json.loads(line) for line in (tmp_path / "edit" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in epochs] == [0, 1]
+    assert_on_policy(epochs, [0, 1, 2, 3, 4])
+    for m in epochs:
+        assert -1 <= m["reward/image_similarity_mean"] <= 1 and m["reward/image_similarity_std"] > 0
+    (events,) = (tmp_path / "edit" / "tb").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"images": 0}).Reload()
+    first = acc.Images("rollout/images")[0]  # 4 [source | edit] tiles of 64 x 128 over a 28-pixel caption strip
+    assert (first.width, first.height) == (4 * 128, 64 + 28)
+
+
+@pytest.mark.slow
+@needs_builtin_edit_set
+def test_edit_debug_job_on_two_gloo_ranks_is_on_policy(tmp_path):
+    """The same job at 2 ranks (FSDP2, each rank its own source images): the ratio is exactly 1 on both."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "titan_flow.train",
+           *EDIT_SHORT, "--eval.freq", "0", "--metrics.enable_tensorboard", "false",
+           "--job.output_dir", str(tmp_path), "--job.run_name", "edit2"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    # the ranks' lines may interleave on the shared stdout
-    found = sorted(re.findall(r"RANK (\d) ratios equal to 1: (\w+); condition tokens (torch.Size\(\[[\d, ]*\]\)); "
-                              r"grad (\w+)", proc.stdout))
-    print(found)
-    assert found == [(str(r), "True", "torch.Size([2, 4, 8, 12])", "True") for r in (0, 1)]
+    epochs = [json.loads(line) for line in (tmp_path / "edit2" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in epochs] == [0, 1]
+    assert_on_policy(epochs, [0, 1, 2, 3, 4])
