@@ -524,3 +524,36 @@ def test_sample_cli_reproduces_diffusers_pipeline_at_its_defaults(tiny_dir, refe
     level_diff = np.abs(ours.astype(int) - expected.astype(int)).max()
     print(f"sample CLI vs QwenImagePipeline at its defaults: max {level_diff} uint8 levels")
     assert expected.std() > 5 and level_diff <= 1
+
+
+SHARED_COUNTING_EDIT = REPO.parent / "shared" / "datasets" / "counting_edit_test_metadata.jsonl"
+
+
+@pytest.mark.skipif(not SHARED_COUNTING_EDIT.is_file(), reason=f"{SHARED_COUNTING_EDIT} is absent (../shared not here)")
+def test_edit_encodes_the_reference_counting_edit_rows(ours_edit, tmp_path):
+    """The real counting_edit test rows (fixture pictures standing in for generated_images/, 1024 x 1024 like the
+    reference's) through the data loader into Qwen-Image-Edit's conditioning: each edit its own source, in the
+    vision tokens and in the condition latents."""
+    from titan_flow.data.loader import build_loader
+    from titan_flow.data.prompts import load_prompt_dataset
+    from titan_flow.data.sampler import KRepeatSampler
+
+    folder = tmp_path / "counting_edit"
+    (folder / "generated_images").mkdir(parents=True)
+    shutil.copy(SHARED_COUNTING_EDIT, folder / "test_metadata.jsonl")
+    rows = [json.loads(line) for line in (folder / "test_metadata.jsonl").read_text().splitlines()]
+    for i, name in enumerate(sorted({r["image"] for r in rows})):
+        Image.new("RGB", (1024, 1024), (40 + i, 255 - i, 7 * i % 256)).save(folder / name, format="JPEG")
+    dataset = load_prompt_dataset(str(folder), "test")
+    batch = next(iter(build_loader(dataset, KRepeatSampler(len(dataset), 4, 1, 1, 0, 0), num_workers=0, seed=0)))
+    assert all(r["tag"] == "counting" for r in batch.metadata) and all(im.shape == (3, 1024, 1024) for im in batch.images)
+    assert batch.keys == [f"{m['prompt']}_{m['image']}" for m in batch.metadata]  # the reference's group key
+    cond = ours_edit.encode(batch.prompts, images=batch.images)
+    assert cond["image_latents"].shape == (4, 4, 8, 8)  # square sources at ~96 x 64 px area: 64 x 64 px
+    distinct = {m["image"] for m in batch.metadata}
+    assert len({tuple(t.flatten()[:8].tolist()) for t in cond["image_latents"]}) == len(distinct)
+    # the vision tokens see the source too: the same instruction on another source encodes differently
+    other = ours_edit.encode(batch.prompts[:1], images=[Image.new("RGB", (1024, 1024), "gray")])
+    mine = {k: v[:1] for k, v in ours_edit.encode(batch.prompts[:1], images=batch.images[:1]).items()}
+    assert other["prompt_embeds"].shape == mine["prompt_embeds"].shape
+    assert not torch.allclose(other["prompt_embeds"], mine["prompt_embeds"])
