@@ -363,7 +363,7 @@ MEMORY_ARGS = {
 }
 
 
-@pytest.mark.parametrize("model_name", ["sd3", "qwen_image"])
+@pytest.mark.parametrize("model_name", ["sd3", pytest.param("qwen_image", marks=pytest.mark.slow)])
 def test_sharded_load_holds_only_the_local_shard(tmp_path, model_name):
     """Loading a ~260-300 MiB checkpoint on 2 ranks grows each rank's private memory by about its half
     (the file is memory-mapped; only the pages of the rank's rows are read), never by the whole model:
