@@ -50,6 +50,12 @@ class Model:
     vae_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the frozen VAE")
     resolution: int | None = doc(None, "image height and width in pixels" + AUTO)
     max_sequence_length: int | None = doc(None, "T5/LLM text tokens (the reference uses 128 for SD3 training)" + AUTO)
+    condition_size: str = choices(
+        "resolution", "resolution", "native", "preferred",
+        help="FLUX.1-Kontext editing: the size the source image is resized to before it becomes condition tokens: "
+        "resolution = model.resolution square (the reference's rule), native = its own size floored to 16 px, "
+        "preferred = FLUX.1-Kontext's ~1 MP size closest to its aspect ratio (diffusers' default)",
+    )
     trainable: str = choices(
         "all", "all", "gen_expert",
         help="which weights train: all, or only Bagel's generation expert (its MoT gen weights, as the reference)",

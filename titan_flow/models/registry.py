@@ -16,6 +16,10 @@ The Policy interface every `pipeline_cls` implements (all rl/ ever sees of a fam
 `model` is passed to `encode` because some families (Bagel) encode the prompt with the backbone
 itself; families with separate text encoders ignore it.
 
+A pipeline whose `guidance_distilled` attribute is true (FLUX.1-dev) takes `guidance_scale` as an
+input of the network (a distilled guidance embedding) rather than as CFG: code that runs the model
+"without CFG" (DPO/SFT losses) then passes the sampling guidance scale instead of 1.
+
 Generation settings whose right value depends on the weights (resolution, text length, steps,
 guidance, learning rate) are "auto" in the job config until `config_defaults` fills them: the
 published pipeline's defaults for a pretrained directory, the debug job's values for a random flavor.
@@ -33,7 +37,7 @@ import torch
 import torch.nn as nn
 
 FAMILIES = ("sd3", "flux", "qwen_image", "bagel")
-PORTED = ("sd3", "bagel")
+PORTED = ("sd3", "flux", "bagel")
 
 # The embedded debug job's values of the "auto" fields, for every random-init flavor.
 DEBUG_DEFAULTS = {

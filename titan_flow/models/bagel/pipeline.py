@@ -33,6 +33,7 @@ from titan_flow.models.bagel.model import (
     unpatchify_latents,
 )
 from titan_flow.models.bagel.state_dict_adapter import SPECIAL_TOKENS
+from titan_flow.models.common.images import to_pil_image
 from titan_flow.models.common.schedules import shifted_linear_sigmas
 from titan_flow.models.registry import pipeline_defaults
 
@@ -182,15 +183,6 @@ def _vit_size(height: int, width: int, max_side: int, patch: int) -> tuple[int, 
     if max(w, h) > max_side:
         w, h = scaled(w, h, max_side / max(w, h))
     return h, w
-
-
-def _to_pil(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
-        array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(array)
-    raise TypeError(f"conditioning images must be PIL images or (3, H, W) tensors in [0, 1], got {type(image).__name__}")
 
 
 def _pixels(image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -356,7 +348,7 @@ class BagelPipeline:
 
     def _latent_splits(self, images) -> list[LatentSplit]:
         """Clean VAE context images at the output resolution (the VAE posterior mean, not a sample)."""
-        pixels = torch.stack([_pixels(_to_pil(im), self.resolution, self.resolution) for im in images])
+        pixels = torch.stack([_pixels(to_pil_image(im), self.resolution, self.resolution) for im in images])
         latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean.float()
         tokens = patchify_latents(VAE_SCALING_FACTOR * (latents - VAE_SHIFT_FACTOR), self.patch_size)
         return [LatentSplit(t, *self.grid, timestep=0.0) for t in tokens]
@@ -367,7 +359,7 @@ class BagelPipeline:
             raise ValueError("image editing needs the ViT, but this Bagel model was built without one (args.vit is None)")
         splits = []
         for image in images:
-            pil = _to_pil(image)
+            pil = to_pil_image(image)
             height, width = _vit_size(pil.height, pil.width, vit.image_size, vit.patch_size)
             splits.append(patchify_vit_image(_pixels(pil, height, width).to(self.device), vit.patch_size))
         return splits

@@ -17,6 +17,16 @@ except ImportError:  # pragma: no cover - depends on the environment
     _flash_varlen = None
 
 
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, L, H*Dh) -> (B, H, L, Dh)."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, Dh) -> (B, L, H*Dh)."""
+    return x.transpose(1, 2).flatten(2)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
