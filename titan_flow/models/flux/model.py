@@ -102,7 +102,8 @@ class FluxAttention(nn.Module):
         )
         out = self.attend(torch.cat([q_c, q], dim=2), torch.cat([k_c, k], dim=2), torch.cat([v_c, v], dim=2), rope)
         n_text = context.shape[1]
-        return self.to_out[0](out[:, n_text:]), self.to_add_out(out[:, :n_text])
+        # Contiguous slices: a strided GEMM input rounds differently in bf16 (diffusers makes them contiguous).
+        return self.to_out[0](out[:, n_text:].contiguous()), self.to_add_out(out[:, :n_text].contiguous())
 
 
 def clip_fp16(x: torch.Tensor) -> torch.Tensor:
