@@ -144,7 +144,7 @@ class FluxTransformerBlock(nn.Module):
 
 
 class FluxSingleTransformerBlock(nn.Module):
-    """Single-stream block over [text; image]: h += gate * proj_out([attn(h'), gelu(proj_mlp(h'))])."""
+    """Single-stream block over h = [text; image]: h += gate * proj_out([attn(h'), gelu(proj_mlp(h'))])."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_ratio: int = 4):
         super().__init__()
@@ -154,15 +154,10 @@ class FluxSingleTransformerBlock(nn.Module):
         self.attn = FluxAttention(dim, num_heads, head_dim)
         self.proj_out = nn.Linear(num_heads * head_dim + mlp_ratio * dim, dim)
 
-    def forward(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor, rope: Rope
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n_text = encoder_hidden_states.shape[1]
-        h = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, rope: Rope) -> torch.Tensor:
         normed, gate = self.norm(h, temb)
         mlp = self.act_mlp(self.proj_mlp(normed))
-        h = clip_fp16(h + gate[:, None] * self.proj_out(torch.cat([self.attn(normed, rope), mlp], dim=2)))
-        return h[:, n_text:], h[:, :n_text]
+        return clip_fp16(h + gate[:, None] * self.proj_out(torch.cat([self.attn(normed, rope), mlp], dim=2)))
 
 
 class FluxTransformer(nn.Module):
@@ -250,6 +245,12 @@ class FluxTransformer(nn.Module):
 
         for block in self.transformer_blocks:
             x, c = block(x, c, temb, rope)
+        # The single-stream blocks run on one [text; image] sequence (diffusers re-splits it after every
+        # block; the values are the same, and no block returns a view of its output).
+        h = torch.cat([c, x], dim=1)
         for block in self.single_transformer_blocks:
-            x, c = block(x, c, temb, rope)
-        return self.proj_out(self.norm_out(x, temb))
+            h = block(h, temb, rope)
+        x = h[:, c.shape[1] :]
+        # A 3-D nn.Linear returns a view of its 2-D product; the copy (B x N x C_out, small) keeps FSDP2 from
+        # warning that an in-place op on the root's output could skip its pre-backward hook.
+        return self.proj_out(self.norm_out(x, temb)).clone()
