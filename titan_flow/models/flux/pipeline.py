@@ -87,12 +87,18 @@ def _read_shift(root: Path) -> dict:
 
 def pretrained_defaults(pretrained_path: str) -> dict:
     """`FluxPipeline.__call__`'s (and `FluxKontextPipeline.__call__`'s) defaults: 28 steps, guidance 3.5,
-    512 T5 tokens, height = width = 128 x the VAE's downsampling (1024)."""
+    512 T5 tokens, height = width = 128 x the VAE's downsampling (1024).
+
+    The path may also be a bare transformer directory or a BFL single file (what the backbone loader
+    accepts); without a vae/config.json the published VAE's 8x downsampling is used.
+    """
     root = Path(pretrained_path)
-    _check_layout(root)
-    vae_blocks = json.loads((root / "vae" / "config.json").read_text())["block_out_channels"]
-    resolution = DEFAULT_SAMPLE_SIZE * 2 ** (len(vae_blocks) - 1)
-    return pipeline_defaults(resolution=resolution, max_sequence_length=512, num_steps=28, guidance_scale=3.5)
+    if not root.exists():
+        raise FileNotFoundError(f"model.pretrained_path: {str(root)!r} does not exist")
+    vae_config = root / "vae" / "config.json"
+    vae_scale = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1) if vae_config.is_file() else 8
+    return pipeline_defaults(resolution=DEFAULT_SAMPLE_SIZE * vae_scale, max_sequence_length=512, num_steps=28,
+                             guidance_scale=3.5)
 
 
 def preferred_kontext_size(width: int, height: int) -> tuple[int, int]:
