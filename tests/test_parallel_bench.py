@@ -29,6 +29,24 @@ def test_bench_prints_peak_memory_and_images_per_s_per_rank():
     assert float(line) > 0
 
 
+@pytest.mark.slow  # two worker processes importing diffusers: ~20 s of CPU
+def test_backbone_bench_prints_ours_and_diffusers_side_by_side():
+    """`python -m titan_flow.bench --backbone flux` at a tiny size: both rows, the ratios, and the two models
+    computing the same output (a timing comparison of models that disagree would mean nothing)."""
+    cmd = [sys.executable, "-m", "titan_flow.bench", "--backbone", "flux", "--side", "4", "--text", "8", "--layers", "1",
+           "--heads", "2", "--head_dim", "16", "--warmup", "0", "--iters", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    rows = {name: (float(t), float(m)) for name, t, m in
+            re.findall(r"\[bench\] (titan_flow|diffusers) +([\d.]+) +(-?[\d.]+)", proc.stdout)}
+    assert sorted(rows) == ["diffusers", "titan_flow"] and all(t > 0 for t, _ in rows.values())
+    (ratio,) = re.findall(r"ratio ours/diffusers: time ([\d.]+), peak memory ([\d.-]+|inf); max \|output diff\| (\S+)",
+                          proc.stdout)
+    print(proc.stdout[-600:])
+    assert float(ratio[0]) > 0 and float(ratio[2]) == 0.0
+
+
 # Parameter counts of the published checkpoints (reference/backbones.md, counted from their files).
 PUBLISHED = {"SD3.5-Medium": 2_243_171_520, "FLUX.1-dev": 11_901_408_320, "Qwen-Image": 20_430_401_088}
 
@@ -48,7 +66,7 @@ def test_encoder_counts():
     by_name = {f.name: count(f) for f in FAMILIES}
     clip_l, clip_g, t5, vae = 123_650_304, 694_659_840, 4_762_310_656, 83_819_683
     assert by_name["SD3.5-Medium"].encoders == clip_l + clip_g + t5 and by_name["SD3.5-Medium"].vae == vae
-    assert by_name["FLUX.1-dev"].encoders == clip_l + t5
+    assert by_name["FLUX.1-dev"].encoders == clip_l - 768 * 768 + t5  # CLIPTextModel: no text projection
     assert by_name["Qwen-Image"].encoders == 8_292_166_656  # Qwen2.5-VL-7B-Instruct
     assert by_name["Bagel-7B-MoT"].encoders == 0  # its own LLM encodes the prompt
 
