@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from titan_flow.models.common.state_dict import diffusers_config_kwargs
+
 DIFFUSERS_CLASS_NAME = "FluxTransformer2DModel"
 
 
@@ -64,14 +66,7 @@ class FluxArgs:
         An unknown non-metadata key raises: it would be an architecture option this port does not
         implement, and silently dropping it could build a different network.
         """
-        class_name = config.get("_class_name", DIFFUSERS_CLASS_NAME)
-        if class_name != DIFFUSERS_CLASS_NAME:
-            raise ValueError(f"FLUX config: _class_name is {class_name!r}, expected {DIFFUSERS_CLASS_NAME!r}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in names)
-        if unknown:
-            raise ValueError(f"FLUX config: unsupported keys {unknown}; this port implements only {sorted(names)}")
-        return cls(**{k: v for k, v in config.items() if k in names})
+        return cls(**diffusers_config_kwargs(cls, config, DIFFUSERS_CLASS_NAME, "FLUX"))
 
     def to_diffusers_config(self) -> dict:
         config = {"_class_name": DIFFUSERS_CLASS_NAME, **asdict(self)}

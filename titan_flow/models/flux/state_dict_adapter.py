@@ -18,11 +18,13 @@ import torch.nn as nn
 from titan_flow.models.common.state_dict import (
     KeyRule,
     block_indices,
+    build_loaded,
     check_keys,
     from_original_keys,
     linear_rules,
     load_diffusers_dir,
     read_safetensors,
+    state_dict_of,
     to_original_keys,
     write_diffusers_dir,
 )
@@ -200,10 +202,7 @@ def from_pretrained(
 ) -> FluxTransformer:
     """Our model with the checkpoint's weights, built on meta so no memory goes to a throwaway init."""
     args, state_dict = load_checkpoint(path, device, axes_dims_rope)
-    with torch.device("meta"):
-        model = FluxTransformer(args)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype)
+    return build_loaded(FluxTransformer, args, state_dict, dtype, device)
 
 
 def save_diffusers(
@@ -214,7 +213,5 @@ def save_diffusers(
 ) -> Path:
     """Write a diffusers transformer directory (config.json + safetensors, sharded above
     `max_shard_size`) that `FluxTransformer2DModel.from_pretrained(out_dir)` loads."""
-    state_dict = model_or_state_dict
-    if isinstance(model_or_state_dict, nn.Module):
-        state_dict = model_or_state_dict.state_dict()
-    return write_diffusers_dir(to_diffusers(state_dict, args), args.to_diffusers_config(), out_dir, max_shard_size)
+    state_dict = to_diffusers(dict(state_dict_of(model_or_state_dict)), args)
+    return write_diffusers_dir(state_dict, args.to_diffusers_config(), out_dir, max_shard_size)
