@@ -14,7 +14,10 @@ The Policy interface every `pipeline_cls` implements (all rl/ ever sees of a fam
     sigmas = pipe.sigmas(num_steps)                         # (T+1,) fp32, ends with 0
 
 `model` is passed to `encode` because some families (Bagel) encode the prompt with the backbone
-itself; families with separate text encoders ignore it.
+itself; families with separate text encoders ignore it. `images` are the source images of an edit,
+one per prompt: float (3, H, W) tensors in [0, 1] at each file's own size (what the data loader
+yields) or PIL images; the family resizes them as its published pipeline does. Text-to-image
+families raise when given images.
 
 A pipeline whose `guidance_distilled` attribute is true (FLUX.1-dev) takes `guidance_scale` as an
 input of the network (a distilled guidance embedding) rather than as CFG: code that runs the model
