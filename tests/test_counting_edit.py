@@ -9,9 +9,9 @@ import torch
 from test_rewards_models import reference_pil, tiny_clip_dir
 from test_rewards_remote import Stub, geneval_answer, gray_images
 
-from titan_flow.metrics import beside_sources
 from titan_flow.rewards import MultiReward
 from titan_flow.rewards.registry import build_reward
+from titan_flow.rl.metrics import beside_sources
 
 
 def loader_images(n: int, seed: int = 0) -> list[torch.Tensor]:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from titan_flow.rewards.registry import to_uint8
@@ -43,21 +42,6 @@ def image_grid(images: torch.Tensor, captions: list[str], cols: int = 4, caption
         lines = [text[k : k + chars_per_line] for k in range(0, min(len(text), 2 * chars_per_line), chars_per_line)]
         draw.text((x0 + 2, y0 + h + 2), "\n".join(lines), fill="black")
     return np.asarray(canvas)
-
-
-def beside_sources(sources: list[torch.Tensor] | None, images: torch.Tensor) -> torch.Tensor:
-    """Edits: each result with its source image on the left, (B, 3, H, 2W); without sources, the images.
-
-    A source (3, h, w) in [0, 1] of any size is resized (bilinear, antialiased) to the result's H x W.
-    """
-    if sources is None:
-        return images
-    if len(sources) != len(images):
-        raise ValueError(f"beside_sources: {len(sources)} source images for {len(images)} results")
-    height, width = images.shape[-2:]
-    resized = [F.interpolate(s[None].float().cpu(), size=(height, width), mode="bilinear", antialias=True,
-                             align_corners=False)[0].clamp(0, 1) for s in sources]
-    return torch.cat([torch.stack(resized), images.float().cpu()], dim=-1)
 
 
 class MetricsLogger:

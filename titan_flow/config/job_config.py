@@ -238,7 +238,11 @@ class Reward:
 
 @dataclass
 class Data:
-    path: str = doc("", "dataset folder (with train.txt/test.txt or *_metadata.jsonl); empty = built-in debug prompts")
+    path: str = doc(
+        "",
+        "dataset folder (with train.txt/test.txt or *_metadata.jsonl); empty = built-in debug prompts; "
+        "builtin:counting_edit = a built-in counting-edit set with drawn source images (debug jobs of edit models)",
+    )
     format: str = choices("auto", "auto", "text", "geneval", help="auto = jsonl -> geneval, txt -> text")
     train_split: str = doc("train", "split used for training")
     image_key: str = doc(
