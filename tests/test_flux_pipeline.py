@@ -345,3 +345,34 @@ def test_sample_cli_reproduces_diffusers_pipeline_at_its_defaults(dirs, referenc
     print(f"sample CLI vs FluxPipeline at its defaults: max {level_diff} uint8 levels")
     assert ours.shape == expected.shape == (2, 1024, 1024, 3) and expected.std() > 10
     assert level_diff <= 1
+
+
+@pytest.mark.slow  # one CLI run (~25 s): the wiring the default-suite text-to-image CLI test covers, plus --image
+def test_sample_cli_edits_like_diffusers_kontext_and_shows_source_beside_edit(dirs, reference_kontext, tmp_path):
+    """`sample --image src.png` with a FLUX.1-Kontext directory = FluxKontextPipeline(image=src) within 1 uint8 level
+    (a 96 x 64 source kept at its own size, a 64 x 64 edit), and a source | edited PNG beside each result."""
+    source = tmp_path / "source.png"
+    source_images(96, 64, n=1)[0].save(source)
+    expected = reference_kontext(prompt=CLI_PROMPTS, image=Image.open(source), height=RESOLUTION, width=RESOLUTION,
+                                 max_area=RESOLUTION**2, _auto_resize=False, num_inference_steps=4, guidance_scale=2.5,
+                                 max_sequence_length=MAX_SEQ, generator=torch.Generator().manual_seed(5),
+                                 output_type="np").images
+    expected = (expected * 255).round().astype(np.uint8)
+    out = tmp_path / "edits"
+    argv = ["--model", "flux", "--pretrained_path", str(dirs["kontext"]), "--device", "cpu", "--seed", "5",
+            "--out", str(out), "--image", str(source), "--resolution", str(RESOLUTION), "--steps", "4",
+            "--max_sequence_length", str(MAX_SEQ), "--guidance", "2.5", "--condition_size", "native"]
+    argv += [arg for prompt in CLI_PROMPTS for arg in ("--prompt", prompt)]
+    proc = subprocess.run([sys.executable, "-m", "titan_flow.sample", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    edits = sorted(p for p in out.glob("*.png") if not p.stem.endswith("_source_edited"))
+    ours = np.stack([np.asarray(Image.open(p)) for p in edits])
+    level_diff = np.abs(ours.astype(int) - expected.astype(int)).max()
+    print(f"sample CLI --image vs FluxKontextPipeline: max {level_diff} uint8 levels")
+    assert ours.shape == expected.shape == (2, RESOLUTION, RESOLUTION, 3) and expected.std() > 10
+    assert level_diff <= 1
+    for edit in edits:
+        pair = np.asarray(Image.open(edit.with_name(edit.stem + "_source_edited.png")))
+        assert pair.shape == (RESOLUTION, 2 * RESOLUTION, 3)
+        assert np.array_equal(pair[:, RESOLUTION:], np.asarray(Image.open(edit)))

@@ -2,12 +2,16 @@
 
     python -m titan_flow.sample --pretrained_path /models/sd3.5-medium --prompt "a red cube" --out samples/
     python -m titan_flow.sample --run outputs/debug [--step 20] [--raw] --prompt_file prompts.txt --out samples/
+    python -m titan_flow.sample --model flux --pretrained_path /models/FLUX.1-Kontext-dev --image cat.png \
+        --prompt "Change the number of cats in the image to two." --out samples/
 
 With --run, the run's config.json rebuilds the same model and pipeline, and the weights come from
 its newest complete DCP checkpoint (EMA weights when the run kept an EMA, unless --raw); the sampler
 defaults to the run's eval settings. With --pretrained_path it defaults to the family's published
 pipeline (for SD3: the directory's native resolution, 28 steps, CFG 7.0, 256 T5 tokens), so the PNGs
-are the ones diffusers' pipeline makes from the same seed.
+are the ones diffusers' pipeline makes from the same seed. Edit models (FLUX.1-Kontext) take `--image`, one
+source image for every prompt or one per prompt, and also write each result beside its source
+(`*_source_edited.png`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from titan_flow.checkpoint.manager import load_model_weights
 from titan_flow.config import build_job_config
 from titan_flow.distributed.utils import destroy_distributed, init_distributed
 from titan_flow.export import run_config
+from titan_flow.data.prompts import load_image
 from titan_flow.rewards.registry import to_uint8
+from titan_flow.rl.metrics import beside_sources
 from titan_flow.rl.rollout import generate_images, step_noise_levels
 from titan_flow.train import build_model, build_policy
 
@@ -47,6 +53,11 @@ def parse_args(argv):
     p.add_argument("--sde_type", default="sde", choices=["sde", "cps"])
     p.add_argument("--resolution", type=int, help="image size (default: the run's, or the pipeline's)")
     p.add_argument("--max_sequence_length", type=int, help="text tokens (default: the run's, or the pipeline's)")
+    p.add_argument("--image", action="append", default=[],
+                   help="edit models: a source image, for every prompt or (repeated) one per prompt")
+    p.add_argument("--condition_size", choices=["resolution", "native", "preferred"],
+                   help="edit models: how the source is resized (model.condition_size; default: the run's, or with "
+                   "--pretrained_path the pipeline's own: preferred)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p.parse_args(argv)
@@ -64,6 +75,20 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def read_images(args, n_prompts: int) -> list | None:
+    """The source images of an edit, one per prompt (float (3, H, W) in [0, 1], as the data loader reads them)."""
+    if not args.image:
+        return None
+    if len(args.image) not in (1, n_prompts):
+        raise SystemExit(f"--image: give one source image for all {n_prompts} prompts or one per prompt, "
+                         f"got {len(args.image)}")
+    missing = [p for p in args.image if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"--image: {missing[0]} does not exist")
+    images = [load_image(Path(p)) for p in args.image]
+    return images * n_prompts if len(images) == 1 else images
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"
 
@@ -71,6 +96,7 @@ def slug(text: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     prompts = read_prompts(args)
+    sources = read_images(args, len(prompts))
     if args.run:
         cfg = run_config(Path(args.run), args.device)
     else:
@@ -78,7 +104,9 @@ def main(argv=None) -> int:
                                 "--training.device", args.device])
     for value, section, key in ((args.resolution, cfg.model, "resolution"),
                                 (args.max_sequence_length, cfg.model, "max_sequence_length"),
-                                (args.steps, cfg.eval, "num_steps"), (args.guidance, cfg.eval, "guidance_scale")):
+                                (args.steps, cfg.eval, "num_steps"), (args.guidance, cfg.eval, "guidance_scale"),
+                                (args.condition_size or (None if args.run else "preferred"), cfg.model,
+                                 "condition_size")):
         if value is not None:
             setattr(section, key, value)
     dims = init_distributed(cfg)
@@ -100,12 +128,16 @@ def main(argv=None) -> int:
         levels = step_noise_levels(steps, args.noise_level, None)
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
+            batch_sources = sources[start : start + args.batch_size] if sources is not None else None
             images = generate_images(policy, model, batch, generator, sigmas, levels, args.sde_type, cfg.eval.guidance_scale,
-                                     generator)
-            for i, (prompt, img) in enumerate(zip(batch, to_uint8(images))):
+                                     generator, images=batch_sources)
+            pairs = to_uint8(beside_sources(batch_sources, images)) if batch_sources is not None else [None] * len(batch)
+            for i, (prompt, img, pair) in enumerate(zip(batch, to_uint8(images), pairs)):
                 path = out / f"{start + i:04d}_{slug(prompt)}.png"
                 Image.fromarray(img).save(path)
                 print(path)
+                if pair is not None:  # source | edited
+                    Image.fromarray(pair).save(path.with_name(path.stem + "_source_edited.png"))
     finally:
         destroy_distributed()
     return 0
