@@ -376,3 +376,31 @@ def test_sample_cli_edits_like_diffusers_kontext_and_shows_source_beside_edit(di
         pair = np.asarray(Image.open(edit.with_name(edit.stem + "_source_edited.png")))
         assert pair.shape == (RESOLUTION, 2 * RESOLUTION, 3)
         assert np.array_equal(pair[:, RESOLUTION:], np.asarray(Image.open(edit)))
+
+
+SHARED_COUNTING_EDIT = REPO.parent / "shared" / "datasets" / "counting_edit_test_metadata.jsonl"
+
+
+@pytest.mark.skipif(not SHARED_COUNTING_EDIT.is_file(), reason=f"{SHARED_COUNTING_EDIT} is absent (../shared not here)")
+def test_kontext_encodes_the_reference_counting_edit_rows(dirs, tmp_path):
+    """The real counting_edit test rows (fixture pictures standing in for generated_images/, 1024 x 1024 like the
+    reference's) through the data loader into Kontext's condition tokens: each edit its own source."""
+    from titan_flow.data.loader import build_loader
+    from titan_flow.data.prompts import load_prompt_dataset
+    from titan_flow.data.sampler import KRepeatSampler
+
+    folder = tmp_path / "counting_edit"
+    (folder / "generated_images").mkdir(parents=True)
+    shutil.copy(SHARED_COUNTING_EDIT, folder / "test_metadata.jsonl")
+    rows = [json.loads(line) for line in (folder / "test_metadata.jsonl").read_text().splitlines()]
+    for i, name in enumerate(sorted({r["image"] for r in rows})):
+        Image.new("RGB", (1024, 1024), (40 + i, 255 - i, 7 * i % 256)).save(folder / name, format="JPEG")
+    dataset = load_prompt_dataset(str(folder), "test")
+    batch = next(iter(build_loader(dataset, KRepeatSampler(len(dataset), 4, 1, 1, 0, 0), num_workers=0, seed=0)))
+    assert all(r["tag"] == "counting" for r in batch.metadata) and all(im.shape == (3, 1024, 1024) for im in batch.images)
+    assert batch.keys == [f"{m['prompt']}_{m['image']}" for m in batch.metadata]  # the reference's group key
+    pipe = FluxPipeline.load(str(dirs["kontext"]), device="cpu", resolution=RESOLUTION, max_sequence_length=MAX_SEQ)
+    cond = pipe.encode(batch.prompts, images=batch.images)
+    assert cond["condition_latents"].shape == (4, 16, 16)  # 512 -> 64 px here: 4 x 4 condition tokens each
+    distinct = {m["image"] for m in batch.metadata}
+    assert len({tuple(t.flatten()[:8].tolist()) for t in cond["condition_latents"]}) == len(distinct)
