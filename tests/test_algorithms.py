@@ -162,7 +162,7 @@ def test_dpo_pairs_are_padded_and_split_evenly_over_ranks(world):
         algo = FlowDPO.__new__(FlowDPO)
         algo.cfg = build_job_config(["--rl.algorithm", "dpo", "--sampling.num_batches_per_epoch", "2"])
         algo.dims = SimpleNamespace(world_size=world, rank=rank)
-        algo.epoch_view = SimpleNamespace(advantages=adv, prompts=keys)
+        algo.epoch_view = SimpleNamespace(advantages=adv, prompts=keys, keys=keys)
         mine, total = algo.my_pairs(epoch=3)
         assert total == 5
         shares.append(mine)
@@ -354,8 +354,18 @@ def test_online_dpo_full_finetune_syncs_the_frozen_copy(tmp_path):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_sft_full_finetune_and_online_sft_lora(tmp_path, model):
+def test_sft_full_finetune_and_online_sft_lora(tmp_path, model, monkeypatch):
+    from titan_flow.models.flux.pipeline import FluxPipeline
+    from titan_flow.models.sd3.pipeline import SD3Pipeline
+
+    pipeline_cls = {"sd3": SD3Pipeline, "flux": FluxPipeline}[model]
+    scales, velocity = [], pipeline_cls.velocity
+    monkeypatch.setattr(pipeline_cls, "velocity", lambda self, m, x, sigma, cond, g: (
+        scales.append(g), velocity(self, m, x, sigma, cond, g))[1])
     sft = train_run(tmp_path, "sft", "--rl.algorithm", "sft", "--rl.beta", "100", model=model)
+    # Rollouts sample with the guidance (4.5); the flow-matching loss runs without CFG, which for SD3 is scale 1
+    # and for FLUX (a distilled guidance embedding, no CFG to drop) the same 4.5 input the rollouts had.
+    assert set(scales) == ({4.5} if model == "flux" else {4.5, 1.0})
     online = train_run(tmp_path, "online_sft", "--rl.algorithm", "online_sft", "--rl.beta", "100",
                        "--lora.enable", "--lora.rank", "4", "--lora.alpha", "8", model=model)
     for run in (sft, online):
