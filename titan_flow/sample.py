@@ -1,9 +1,15 @@
-"""Prompts -> PNGs, from a pretrained pipeline directory or from a training run's checkpoint.
+"""Prompts -> PNGs (images) or videos, from a pretrained pipeline directory or a training run's checkpoint.
 
     python -m titan_flow.sample --pretrained_path /models/sd3.5-medium --prompt "a red cube" --out samples/
     python -m titan_flow.sample --run outputs/debug [--step 20] [--raw] --prompt_file prompts.txt --out samples/
     python -m titan_flow.sample --model flux --pretrained_path /models/FLUX.1-Kontext-dev --image cat.png \
         --prompt "Change the number of cats in the image to two." --out samples/
+    python -m titan_flow.sample --model wan --pretrained_path /models/Wan2.1-T2V-1.3B-Diffusers \
+        --prompt 'a neon sign that says "titan"' --resolution 240 --width 416 --num_frames 33 --reward video_ocr
+
+Videos are written as .mp4 when opencv-python is installed (it comes with the `ocr` extra), else as
+animated .gif (PIL); `--video_format` forces one. `samples.jsonl` in the output folder lists every
+file with its prompt and, with `--reward`, its rewards.
 
 With --run, the run's config.json rebuilds the same model and pipeline, and the weights come from
 its newest complete DCP checkpoint (EMA weights when the run kept an EMA, unless --raw); the sampler
@@ -17,6 +23,7 @@ source image for every prompt or one per prompt, and also write each result besi
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -26,9 +33,12 @@ from PIL import Image
 
 from titan_flow.checkpoint.manager import load_model_weights
 from titan_flow.config import build_job_config
+from titan_flow.data.prompts import load_image
 from titan_flow.distributed.utils import destroy_distributed, init_distributed
 from titan_flow.export import run_config
-from titan_flow.data.prompts import load_image
+from titan_flow.metrics import VIDEO_FORMATS, write_video
+from titan_flow.models import get_model_spec
+from titan_flow.rewards import MultiReward
 from titan_flow.rewards.registry import to_uint8
 from titan_flow.rl.metrics import beside_sources
 from titan_flow.rl.rollout import generate_images, step_noise_levels
@@ -50,8 +60,16 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, help="denoising steps (default: the run's eval steps, or the pipeline's)")
     p.add_argument("--guidance", type=float, help="CFG scale, <= 1 disables CFG (default: the run's eval, or the pipeline's)")
     p.add_argument("--noise_level", type=float, default=0.0, help="SDE noise level (0 = deterministic ODE)")
-    p.add_argument("--sde_type", default="sde", choices=["sde", "cps"])
-    p.add_argument("--resolution", type=int, help="image size (default: the run's, or the pipeline's)")
+    p.add_argument("--sde_type", default="sde", choices=["sde", "cps", "wan"])
+    p.add_argument("--resolution", type=int, help="image size, a video's height (default: the run's, or the pipeline's)")
+    p.add_argument("--width", type=int, help="video width (default: the run's, or the pipeline's)")
+    p.add_argument("--num_frames", type=int, help="video frames (default: the run's, or the pipeline's)")
+    p.add_argument("--fps", type=float, default=16.0, help="frames per second of the written videos (Wan: 16)")
+    p.add_argument("--video_format", default="auto", choices=VIDEO_FORMATS,
+                   help="auto = mp4 when opencv-python is installed, else gif")
+    p.add_argument("--reward", default="",
+                   help="comma-separated rewards to score the samples with (e.g. video_ocr), written to samples.jsonl; "
+                        "model paths, options and server URLs come from the run's [reward] section")
     p.add_argument("--max_sequence_length", type=int, help="text tokens (default: the run's, or the pipeline's)")
     p.add_argument("--image", action="append", default=[],
                    help="edit models: a source image, for every prompt or (repeated) one per prompt")
@@ -102,7 +120,10 @@ def main(argv=None) -> int:
     else:
         cfg = build_job_config(["--model.name", args.model, "--model.pretrained_path", args.pretrained_path or "",
                                 "--training.device", args.device])
-    for value, section, key in ((args.resolution, cfg.model, "resolution"),
+    if args.resolution is not None and args.width is None and not get_model_spec(cfg.model.name).video:
+        args.width = args.resolution  # image families are square
+    for value, section, key in ((args.resolution, cfg.model, "resolution"), (args.width, cfg.model, "width"),
+                                (args.num_frames, cfg.model, "num_frames"),
                                 (args.max_sequence_length, cfg.model, "max_sequence_length"),
                                 (args.steps, cfg.eval, "num_steps"), (args.guidance, cfg.eval, "guidance_scale"),
                                 (args.condition_size or (None if args.run else "preferred"), cfg.model,
@@ -126,18 +147,37 @@ def main(argv=None) -> int:
         steps = cfg.eval.num_steps
         sigmas = policy.sigmas(steps)
         levels = step_noise_levels(steps, args.noise_level, None)
+        r = cfg.reward
+        names = [n.strip() for n in args.reward.split(",") if n.strip()]
+        reward_fn = MultiReward({n: 1.0 for n in names}, r.model_paths, r.device or dims.device, urls=r.urls,
+                                options=r.options) if names else None
+        manifest = []
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
             batch_sources = sources[start : start + args.batch_size] if sources is not None else None
             images = generate_images(policy, model, batch, generator, sigmas, levels, args.sde_type, cfg.eval.guidance_scale,
                                      generator, images=batch_sources)
+            rewards = reward_fn(images, batch, only_strict=False) if reward_fn else {}
             pairs = to_uint8(beside_sources(batch_sources, images)) if batch_sources is not None else [None] * len(batch)
-            for i, (prompt, img, pair) in enumerate(zip(batch, to_uint8(images), pairs)):
-                path = out / f"{start + i:04d}_{slug(prompt)}.png"
-                Image.fromarray(img).save(path)
-                print(path)
+            for i, (prompt, pixels, pair) in enumerate(zip(batch, to_uint8(images), pairs)):
+                path = out / f"{start + i:04d}_{slug(prompt)}"
+                if pixels.ndim == 4:  # a video: (F, H, W, 3)
+                    path = write_video(path, pixels, args.fps, args.video_format)
+                else:
+                    path = path.with_suffix(".png")
+                    Image.fromarray(pixels).save(path)
+                entry = {"file": path.name, "prompt": prompt, "seed": args.seed}
                 if pair is not None:  # source | edited
-                    Image.fromarray(pair).save(path.with_name(path.stem + "_source_edited.png"))
+                    pair_path = path.with_name(path.stem + "_source_edited.png")
+                    Image.fromarray(pair).save(pair_path)
+                    entry["source_edited"] = pair_path.name
+                scores = {k: v[i].item() for k, v in rewards.items() if k != "avg"}
+                manifest.append({**entry, "reward": scores})
+                print(path, *(f"{k} {v:.4f}" for k, v in scores.items()))
+        if reward_fn is not None:
+            reward_fn.close()
+        with (out / "samples.jsonl").open("w") as fh:
+            fh.writelines(json.dumps(line) + "\n" for line in manifest)
     finally:
         destroy_distributed()
     return 0

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     trainable = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimizer
     optimizer = torch.optim.AdamW(
-        trainable, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps
+        trainable, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps,
+        fused=o.implementation == "fused", foreach=o.implementation == "foreach",
     )
     ema = (
         EMA(trainable, max_decay=cfg.training.ema_max_decay, update_interval=cfg.training.ema_update_interval)
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.checkpoint.interval, cfg.checkpoint.keep_latest_k, cfg.checkpoint.async_mode == "async",
         enable=cfg.checkpoint.enable,
     )
+    algo.guard.last_good = ckpt.last_good if cfg.checkpoint.enable else lambda: "none (checkpoint.enable = false)"
     if cfg.checkpoint.enable:
         resume = ckpt.resolve_step(cfg.checkpoint.load_step)
         if resume is not None:

@@ -2,7 +2,8 @@
 
     python -m titan_flow.bench [--warmup 1] [--epochs 3] [--job.config_file X.toml --section.key value ...]
     torchrun --nproc-per-node 8 -m titan_flow.bench --job.config_file train_configs/sd3_pickscore.toml
-    python -m titan_flow.bench --backbone flux [titan_flow.bench.backbone options]
+    python -m titan_flow.bench --backbone wan      # our backbone vs diffusers': fwd+bwd time, peak memory
+    python -m titan_flow.bench --backbone flux
 
 Runs the real trainer for warmup + measured epochs (no checkpoints, no eval, no TensorBoard) and
 prints, for every rank, its peak memory (CUDA: allocated and reserved by the caching allocator;
@@ -63,12 +64,10 @@ def throughput(run_dir: Path, warmup: int, world_size: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--backbone":
+    if any(a == "--backbone" or a.startswith("--backbone=") for a in argv):
         from titan_flow.bench import backbone
 
-        if len(argv) < 2:
-            raise SystemExit(f"--backbone needs a family name: one of {', '.join(sorted(backbone.CASES))}")
-        return backbone.main(["--model", argv[1], *argv[2:]])
+        return backbone.main(argv)
     args, trainer_args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="titan_flow_bench_") as scratch:
         trainer_args = [

@@ -1,193 +1,224 @@
-"""Our backbone vs diffusers' at the same small config: forward + backward time and peak memory, side by side.
+"""Our backbone vs diffusers' implementation: forward + backward time and peak memory at the same config.
 
-    python -m titan_flow.bench --backbone flux            # the same as:
-    python -m titan_flow.bench.backbone --model flux [--batch 2] [--side 16] [--text 64] [--iters 5]
+    python -m titan_flow.bench --backbone wan [--iters 5] [--dtype bfloat16] [--device cuda]
+    python -m titan_flow.bench --backbone flux
 
-Both models hold the same random weights (ours loads diffusers' state dict) and see the same inputs, in
-the same dtype (bf16 on CUDA, fp32 on the CPU unless --dtype says otherwise). Each side runs in a fresh
-subprocess so that neither inherits the other's allocator state: after `--warmup` untimed iterations,
-`--iters` timed forward + backward passes (loss = mean of the squared output) give the median time, and
-the peak memory above what the weights and inputs already held is CUDA's max_memory_allocated, or on
-the CPU the growth of the process's peak resident set. The max |difference| of the two outputs is
-printed too: a speed comparison between models that disagree would mean nothing.
+Both models are built with the same config and run on the same inputs; a step is forward + backward
+of mean(output^2). Time: one process holds both models and alternates their steps (one warm-up step
+each, then `--iters` timed steps each), so a machine whose load drifts slows both alike; the median
+step is reported. Memory: each model in a fresh process of its own, one warm-up and one measured
+step; on CUDA the allocator's peak above what the model and inputs took, on the CPU the growth of the
+process's peak resident set (which the C allocator's caching blurs by some MiB), and on both the
+activations autograd keeps for backward (distinct storages, counted once). The config is small enough for a CPU; the figures compare
+implementations, they do not predict full-size throughput.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import multiprocessing
 import resource
 import statistics
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+IMPLEMENTATIONS = ("ours", "diffusers")
 MIB = 2**20
 
 
 @dataclass(frozen=True)
 class Case:
-    """How to build a family's two backbones and their inputs at the bench size."""
-
-    config: Callable[[argparse.Namespace], dict]  # diffusers config of the small model
-    ours: Callable[[dict], torch.nn.Module]
-    reference: Callable[[dict], torch.nn.Module]
-    inputs: Callable[[dict, argparse.Namespace, torch.Generator], dict]
+    description: str
+    ours: Callable[[], torch.nn.Module]
+    diffusers: Callable[[], torch.nn.Module]
+    inputs: Callable[[torch.device, torch.dtype], dict]  # keyword inputs both forwards take
 
 
-def _flux_config(a: argparse.Namespace) -> dict:
-    third = max(2, a.head_dim // 16 * 2)  # (frame, row, col) RoPE split in FLUX's proportions (16, 56, 56) of 128
-    rest = (a.head_dim - third) // 4 * 2  # even
-    return dict(patch_size=1, in_channels=64, num_layers=a.layers, num_single_layers=2 * a.layers,
-                attention_head_dim=a.head_dim, num_attention_heads=a.heads, joint_attention_dim=4 * a.heads * a.head_dim,
-                pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(third, rest, a.head_dim - third - rest))
+def _wan_config() -> dict:
+    return dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
+                text_dim=256, freq_dim=256, ffn_dim=1024, num_layers=4, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 
 
-def _flux_ours(config: dict) -> torch.nn.Module:
-    from titan_flow.models.flux import FluxArgs, FluxTransformer
+def _wan_ours() -> torch.nn.Module:
+    from titan_flow.models.wan import WanArgs, WanTransformer
 
-    with torch.device("meta"):
-        return FluxTransformer(FluxArgs(**config))
-
-
-def _flux_reference(config: dict) -> torch.nn.Module:
-    from diffusers import FluxTransformer2DModel
-
-    return FluxTransformer2DModel(**config)
+    model = WanTransformer(WanArgs(**_wan_config()))
+    model.init_weights()
+    return model
 
 
-def _flux_inputs(config: dict, a: argparse.Namespace, g: torch.Generator) -> dict:
-    from titan_flow.models.common.latents import grid_ids
+def _wan_diffusers() -> torch.nn.Module:
+    from diffusers import WanTransformer3DModel
 
+    return WanTransformer3DModel(**_wan_config())
+
+
+def _wan_inputs(device: torch.device, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
     return dict(
-        hidden_states=torch.randn(a.batch, a.side * a.side, config["in_channels"], generator=g),
-        encoder_hidden_states=torch.randn(a.batch, a.text, config["joint_attention_dim"], generator=g),
-        pooled_projections=torch.randn(a.batch, config["pooled_projection_dim"], generator=g),
-        timestep=torch.rand(a.batch, generator=g),
-        img_ids=grid_ids(a.side, a.side),
-        txt_ids=torch.zeros(a.text, 3),
-        guidance=torch.full((a.batch,), 3.5),
+        hidden_states=torch.randn(2, 16, 5, 16, 24, generator=g).to(device, dtype),
+        timestep=torch.tensor([999, 500]).to(device),
+        encoder_hidden_states=torch.randn(2, 64, 256, generator=g).to(device, dtype),
     )
 
 
-CASES = {"flux": Case(_flux_config, _flux_ours, _flux_reference, _flux_inputs)}
+def _flux_config() -> dict:
+    # (frame, row, col) RoPE split in FLUX.1's proportions (16, 56, 56) of its 128-wide heads
+    return dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+                num_attention_heads=4, joint_attention_dim=1024, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(8, 28, 28))
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m titan_flow.bench.backbone", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="flux", choices=sorted(CASES))
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--side", type=int, default=16, help="image tokens per side (16: a 256 px FLUX image; 32: 512 px)")
-    p.add_argument("--text", type=int, default=64, help="text tokens")
-    p.add_argument("--layers", type=int, default=2, help="double-stream blocks (FLUX: twice as many single blocks)")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head_dim", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto = bfloat16 on CUDA, float32 on the CPU")
-    p.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.dtype == "auto":
-        a.dtype = "bfloat16" if a.device == "cuda" else "float32"
-    return a
+def _flux_diffusers() -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return FluxTransformer2DModel(**_flux_config())
+
+
+def _flux_ours() -> torch.nn.Module:
+    """Ours holding diffusers' weights (the same seeded init), so both compute the same function."""
+    from titan_flow.models.flux import FluxArgs, FluxTransformer
+
+    with torch.device("meta"):
+        model = FluxTransformer(FluxArgs(**_flux_config()))
+    model.load_state_dict(_flux_diffusers().state_dict(), strict=True, assign=True)
+    return model
+
+
+def _flux_inputs(device: torch.device, dtype: torch.dtype) -> dict:
+    from titan_flow.models.common.latents import grid_ids
+
+    g = torch.Generator().manual_seed(1)
+    return dict(
+        hidden_states=torch.randn(2, 16 * 16, 64, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(2, 64, 1024, generator=g).to(device, dtype),
+        pooled_projections=torch.randn(2, 768, generator=g).to(device, dtype),
+        timestep=torch.rand(2, generator=g).to(device),
+        img_ids=grid_ids(16, 16).to(device),
+        txt_ids=torch.zeros(64, 3, device=device),
+        guidance=torch.full((2,), 3.5, device=device),
+    )
+
+
+CASES = {
+    "flux": Case("FLUX.1, 2 double + 4 single blocks of width 256 (4 x 64 heads), batch 2, 16 x 16 = 256 image + "
+                 "64 text tokens, guidance embedding", _flux_ours, _flux_diffusers, _flux_inputs),
+    "wan": Case("Wan2.1 T2V, 4 blocks of width 256 (4 x 64 heads), batch 2, latent 16 x 5 x 16 x 24 = 480 tokens, "
+                "64 text tokens", _wan_ours, _wan_diffusers, _wan_inputs),
+}
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / MIB
 
 
-def worker(a: argparse.Namespace) -> dict:
-    """One side's measurement (run in its own process); returns times, peak memory and an output checksum."""
-    case, device, dtype = CASES[a.model], torch.device(a.device), getattr(torch, a.dtype)
-    config = case.config(a)
+def _build(family: str, which: str, dev: torch.device, dt: torch.dtype):
+    """(model, a function taking one forward + backward step and returning the MiB autograd saved for backward)."""
+    case = CASES[family]
     torch.manual_seed(0)
-    reference = case.reference(config)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.normal_(0.0, 0.02)
-    if a.worker == "ours":
-        model = case.ours(config)
-        model.load_state_dict(reference.state_dict(), strict=True, assign=True)
-        del reference
-    else:
-        model = reference
-    model = model.to(device=device, dtype=dtype).train()
-    inputs = case.inputs(config, a, torch.Generator().manual_seed(1))
-    inputs = {k: v.to(device, dtype) if v.is_floating_point() and k.endswith(("states", "projections")) else v.to(device)
-              for k, v in inputs.items()}
+    model = getattr(case, which)()
+    if (dev.type, dt) != ("cpu", torch.float32):  # where it was built
+        model = model.to(dev, dt)
+    model.train()
+    inputs = case.inputs(dev, dt)
 
-    def step() -> torch.Tensor:
-        out = model(**inputs)
-        out = out if isinstance(out, torch.Tensor) else out[0]
+    def step() -> float:
+        storages: dict[int, int] = {}  # distinct storages the graph keeps, each counted once
+
+        def keep(t):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = model(**inputs)
+        out = out if isinstance(out, torch.Tensor) else out[0]  # diffusers returns an output object
         out.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
-        return out
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return sum(storages.values()) / MIB
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    return model, step
 
-    for _ in range(a.warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+
+def _time_both(family: str, device: str, dtype: str, iters: int, queue) -> None:
+    """Child process: both implementations, steps alternated; reports {which: [ms per step]}."""
+    dev, dt = torch.device(device), DTYPES[dtype]
+    steps = {which: _build(family, which, dev, dt)[1] for which in IMPLEMENTATIONS}
+    times = {which: [] for which in IMPLEMENTATIONS}
+    for i in range(iters + 1):  # the first round warms up
+        for which, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i:
+                times[which].append((time.perf_counter() - t0) * 1000)
+    queue.put(times)
+
+
+def _peak_memory(family: str, which: str, device: str, dtype: str, queue) -> None:
+    """Child process: one implementation's (peak MiB over a warm-up and a measured step, MiB saved for backward)."""
+    dev, dt = torch.device(device), DTYPES[dtype]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    _, step = _build(family, which, dev, dt)
+    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else _rss_mib() * MIB
+    step()
+    saved = step()
+    if dev.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(dev) - base) / MIB
     else:
-        base = _rss_mib() * MIB
-    times = []
-    for _ in range(a.iters):
-        t0 = time.perf_counter()
-        out = step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # Linux reports KiB
-    with torch.no_grad():
-        probe = model(**inputs)
-        probe = (probe if isinstance(probe, torch.Tensor) else probe[0]).float().cpu()
-    return {"median_s": statistics.median(times), "min_s": min(times), "peak_mib": peak / MIB,
-            "params": sum(p.numel() for p in model.parameters()), "output": probe.flatten()[:4096].tolist()}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base / MIB  # Linux reports KiB
+    queue.put((peak, saved))
+
+
+def _in_child(target, *args):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=target, args=(*args, queue))
+    child.start()
+    result = queue.get(timeout=1800)
+    child.join()
+    return result
+
+
+def compare(family: str, device: str = "cpu", dtype: str = "float32", iters: int = 5) -> dict[str, tuple]:
+    """{"ours" | "diffusers": (median ms per forward+backward, peak MiB, MiB saved for backward)}."""
+    if family not in CASES:
+        raise SystemExit(f"--backbone: no comparison for {family!r}; available: {', '.join(CASES)}")
+    times = _in_child(_time_both, family, device, dtype, iters)
+    return {which: (statistics.median(times[which]), *_in_child(_peak_memory, family, which, device, dtype))
+            for which in IMPLEMENTATIONS}
+
+
+def report(family: str, results: dict[str, tuple], device: str, dtype: str, iters: int) -> str:
+    peak = "peak CUDA memory above the model" if device.startswith("cuda") else "peak RSS growth"
+    rows = [f"[bench]   {which:9s} {ms:9.1f} ms   {peak} {mib:8.1f} MiB   saved for backward {saved:8.1f} MiB"
+            for which, (ms, mib, saved) in results.items()]
+    (ours_ms, ours_mib, ours_saved), (ref_ms, ref_mib, ref_saved) = results["ours"], results["diffusers"]
+    return "\n".join([
+        f"[bench] {family} forward+backward, {CASES[family].description}, {dtype} on {device}, "
+        f"median of {iters} alternated steps each:",
+        *rows,
+        f"[bench]   ours / diffusers: time {ours_ms / ref_ms:.2f}x, peak memory {ours_mib / max(ref_mib, 1e-9):.2f}x, "
+        f"saved for backward {ours_saved / max(ref_saved, 1e-9):.2f}x",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    if a.worker:
-        print("RESULT " + json.dumps(worker(a)), flush=True)
-        return 0
-    argv = [arg for arg in (sys.argv[1:] if argv is None else argv)]
-    results = {}
-    for side in ("ours", "diffusers"):
-        proc = subprocess.run([sys.executable, "-m", "titan_flow.bench.backbone", *argv, "--worker", side],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"bench worker {side} failed:\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    ours, ref = results["ours"], results["diffusers"]
-    diff = max(abs(x - y) for x, y in zip(ours["output"], ref["output"]))
-    memory = "CUDA max_memory_allocated above weights + inputs" if a.device == "cuda" else "peak RSS growth (CPU)"
-    print(f"[bench] {a.model} fwd+bwd, {ours['params'] / 1e6:.1f} M params, batch {a.batch}, {a.side}x{a.side} image + "
-          f"{a.text} text tokens, {a.dtype} on {a.device}; median of {a.iters} after {a.warmup} warm-up")
-    print(f"[bench] {'':10s} {'time (ms)':>10s} {'peak (MiB)':>11s}   ({memory})")
-    for name, r in (("titan_flow", ours), ("diffusers", ref)):
-        print(f"[bench] {name:10s} {1e3 * r['median_s']:10.1f} {r['peak_mib']:11.1f}")
-    print(f"[bench] ratio ours/diffusers: time {ours['median_s'] / ref['median_s']:.3f}, "
-          f"peak memory {ours['peak_mib'] / max(ref['peak_mib'], 1e-9):.3f}; max |output diff| {diff:.3g}")
+    p = argparse.ArgumentParser(prog="python -m titan_flow.bench --backbone", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", required=True, choices=sorted(CASES))
+    p.add_argument("--iters", type=int, default=5, help="timed forward+backward steps (after one warm-up)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    print(report(a.backbone, compare(a.backbone, a.device, a.dtype, a.iters), a.device, a.dtype, a.iters), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

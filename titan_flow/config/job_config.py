@@ -41,20 +41,39 @@ class Job:
 
 @dataclass
 class Model:
-    name: str = choices("sd3", "sd3", "flux", "qwen_image", "bagel", help="model family")
+    name: str = choices("sd3", "sd3", "flux", "qwen_image", "bagel", "wan", help="model family")
     flavor: str = doc("debug", "named hyper-parameter set from the family's args.py (used when pretrained_path is empty)")
     pretrained_path: str = doc("", "local diffusers pipeline directory (or the family's native directory); empty = random-init flavor")
     dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the trained (master) weights")
     compute_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the forward pass (FSDP mixed-precision param dtype)")
     encoder_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of frozen text encoders")
     vae_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the frozen VAE")
-    resolution: int | None = doc(None, "image height and width in pixels" + AUTO)
+    resolution: int | None = doc(
+        None, "image height and width in pixels (video families: the height; Bagel edits keep the source's aspect "
+        "ratio: longest side at most this, shortest at least half of it)" + AUTO
+    )
+    width: int | None = doc(
+        None,
+        "width in pixels; image families make square images, so it must equal model.resolution; auto = "
+        "model.resolution for image families, the pipeline's width for video families",
+    )
+    num_frames: int | None = doc(
+        None,
+        "frames of a generated video (Wan: 4k+1; 1 for image families); auto = the video pipeline's default "
+        "(Wan: 81) with model.pretrained_path, the debug job's value for a random-init flavor",
+    )
     max_sequence_length: int | None = doc(None, "T5/LLM text tokens (the reference uses 128 for SD3 training)" + AUTO)
     condition_size: str = choices(
         "resolution", "resolution", "native", "preferred",
         help="FLUX.1-Kontext editing: the size the source image is resized to before it becomes condition tokens: "
         "resolution = model.resolution square (the reference's rule), native = its own size floored to 16 px, "
         "preferred = FLUX.1-Kontext's ~1 MP size closest to its aspect ratio (diffusers' default)",
+    )
+    attention_backend: str = choices(
+        "auto", "auto", "flash", "flex", "sdpa",
+        help="packed-sequence attention (Bagel): flash = flash-attn varlen (CUDA, bf16/fp16, the [gpu] extra), flex = "
+        "FlexAttention with a block mask per sequence layout, sdpa = one SDPA call per sequence; auto = flash when "
+        "installed on CUDA, else flex on CUDA, else sdpa",
     )
     trainable: str = choices(
         "all", "all", "gen_expert",
@@ -66,8 +85,12 @@ class Model:
 class Sampling:
     num_steps: int | None = doc(None, "denoising steps during rollout" + AUTO)
     guidance_scale: float | None = doc(None, "CFG scale during rollout (<= 1 disables CFG)" + AUTO)
-    noise_level: float = doc(1.0, "SDE noise level a")
-    sde_type: str = choices("sde", "sde", "cps", help="stochastic step used inside the SDE window")
+    noise_level: float = doc(1.0, "SDE noise level a (\"wan\": its noise is a sigma_1 sigma; the reference's is a = 1)")
+    sde_type: str = choices(
+        "sde", "sde", "cps", "wan",
+        help="stochastic step used inside the SDE window: sde (Flow-GRPO), cps (coefficients-preserving), wan "
+        "(flow_grpo's Wan2.1 step: noise sigma_1 sigma, exact Gaussian KL)",
+    )
     negative_prompt: str = doc("", "prompt of the unconditional CFG branch")
     num_image_per_prompt: int = doc(8, "group size G")
     batch_size: int = doc(8, "prompts (with repeats) per rank per sampling round (B)")
@@ -142,6 +165,11 @@ class Optimizer:
     weight_decay: float = doc(1e-4, "AdamW weight decay")
     eps: float = doc(1e-8, "AdamW epsilon")
     max_grad_norm: float = doc(1.0, "global gradient norm clip (<= 0 disables)")
+    implementation: str = choices(
+        "fused", "fused", "foreach", "for-loop",
+        help="AdamW kernels: fused (one kernel per dtype/device, CUDA and CPU), foreach (batched ops), for-loop "
+        "(one op per tensor: with FSDP2's DTensor parameters this is ~9x slower on the debug model)",
+    )
 
 
 @dataclass
@@ -153,6 +181,12 @@ class Training:
     ema_max_decay: float = doc(0.9, "EMA decay is min((1+k)/(10+k), ema_max_decay)")
     device: str = choices("auto", "auto", "cpu", "cuda", help="auto = cuda when available")
     deterministic: bool = doc(False, "torch.use_deterministic_algorithms (slower on GPU)")
+    on_nonfinite: str = choices(
+        "stop", "stop", "skip",
+        help="a NaN/inf in rollouts, rewards, advantages, loss, gradient norm or weights: stop with an error naming "
+        "it (the checkpoints stay good), or skip that epoch's training / that optimizer step and its EMA update",
+    )
+    max_nonfinite_skips: int = doc(3, "with on_nonfinite = skip: stop after this many skips in a row (a diverging run)")
     kernel_backend: str = choices(
         "auto", "auto", "triton", "torch",
         help="fused RL ops (kernels/): auto = Triton on CUDA tensors, the PyTorch reference elsewhere; "

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from titan_flow.data.loader import collate_records
 from titan_flow.distributed.utils import all_gather_tensor, reshard
 from titan_flow.rewards import geneval_breakdown, reward_means
-from titan_flow.rl.metrics import beside_sources
+from titan_flow.rl.metrics import beside_sources, first_images
 from titan_flow.rl.rollout import generate_images, step_noise_levels
 
 
@@ -54,4 +54,4 @@ def evaluate(cfg, dims, policy, model, ema, reward_fn, dataset):
     scalars.update({f"eval/reward_{k}": v for k, v in reward_means(gathered).items()})
     scalars.update({f"eval/geneval/{k}": v for k, v in geneval_breakdown(gathered).items()})
     n_img = cfg.metrics.num_log_images
-    return scalars, torch.cat(images)[:n_img], captions[:n_img]
+    return scalars, first_images(images, n_img), captions[:n_img]

@@ -49,6 +49,19 @@ class RMSNorm(nn.Module):
         return x * self.weight
 
 
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input and weight dtypes, returned in the input's dtype.
+
+    For backbones that keep their norms in fp32 under bf16 (Wan's `_keep_in_fp32_modules`): the
+    weights (when affine) are read as fp32 even if FSDP hands them over in bf16.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
 def _layer_norm(dim: int) -> nn.LayerNorm:
     """The parameter-free LayerNorm every adaLN uses: the modulation supplies scale and shift."""
     return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)

@@ -309,8 +309,11 @@ class FluxPipeline:
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
-        """N(0, I) latents of shape (C, h, w) per sample, drawn as diffusers does, then packed."""
+    def initial_noise(
+        self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None, cond: dict | None = None
+    ) -> torch.Tensor:
+        """N(0, I) latents of shape (C, h, w) per sample, drawn as diffusers does, then packed; `cond` is
+        unused (Kontext generates at model.resolution whatever the source's size)."""
         noise = draw_noise(n, (self.latent_channels, self.latent_side, self.latent_side), generator, self.device)
         return pack_latents(noise)
 

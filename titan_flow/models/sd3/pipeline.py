@@ -224,8 +224,11 @@ class SD3Pipeline:
             "negative_pooled_prompt_embeds": self.negative_pooled_prompt_embeds.expand(batch, -1),
         }
 
-    def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
-        """N(0, I) latents drawn on the generator's device (as diffusers' randn_tensor does), then moved."""
+    def initial_noise(
+        self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None, cond: dict | None = None
+    ) -> torch.Tensor:
+        """N(0, I) latents drawn on the generator's device (as diffusers' randn_tensor does), then moved;
+        `cond` is unused (the latent shape is the resolution's)."""
         return draw_noise(n, self.latent_shape, generator, self.device)
 
     def velocity(
