@@ -1,5 +1,5 @@
 """The algorithm family: GRPO-Guard math, tracker modes, DPO pairing, legacy branched Fast, and every
-algorithm run end to end on the tiny debug SD3 (in-process, one rank, a few seconds each)."""
+algorithm run end to end on the tiny debug SD3 and debug FLUX (in-process, one rank, a few seconds each)."""
 
 import json
 import math
@@ -230,7 +230,11 @@ def test_branched_fast_shares_the_prefix_and_rescored_window_is_on_policy():
 
 
 # ---------------------------------------------------------------------------------------------
-# Every algorithm end to end on the tiny debug SD3 and Qwen-Image
+# Every algorithm end to end on the tiny debug SD3, FLUX and Qwen-Image (FLUX's guidance scale is its distilled
+# guidance embedding: no CFG batch, and DPO/SFT keep it at the sampling value; Qwen-Image samples with true CFG
+# and runs in the slow suite: the default suite trains the debug Qwen-Image in tests/test_qwen_image_recipes.py)
+
+MODELS = ["sd3", "flux", pytest.param("qwen_image", marks=pytest.mark.slow)]
 
 
 TINY = [
@@ -244,11 +248,6 @@ TINY = [
     "--eval.freq", "0", "--checkpoint.enable", "false", "--metrics.image_log_freq", "0",
     "--metrics.enable_tensorboard", "false", "--reward.fns", "jpeg_compressibility=1.0",
 ]
-
-
-# The debug flavors every algorithm is run on (same sizes and settings; Qwen-Image samples with true CFG and
-# runs in the slow suite: the default suite trains the debug Qwen-Image in tests/test_qwen_image_recipes.py).
-MODELS = ["sd3", pytest.param("qwen_image", marks=pytest.mark.slow)]
 
 
 def train_run(tmp_path, name, *extra, steps=2, model="sd3"):
@@ -356,8 +355,19 @@ def test_online_dpo_full_finetune_syncs_the_frozen_copy(tmp_path):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_sft_full_finetune_and_online_sft_lora(tmp_path, model):
+def test_sft_full_finetune_and_online_sft_lora(tmp_path, model, monkeypatch):
+    from titan_flow.models.flux.pipeline import FluxPipeline
+    from titan_flow.models.qwen_image.pipeline import QwenImagePipeline
+    from titan_flow.models.sd3.pipeline import SD3Pipeline
+
+    pipeline_cls = {"sd3": SD3Pipeline, "flux": FluxPipeline, "qwen_image": QwenImagePipeline}[model]
+    scales, velocity = [], pipeline_cls.velocity
+    monkeypatch.setattr(pipeline_cls, "velocity", lambda self, m, x, sigma, cond, g: (
+        scales.append(g), velocity(self, m, x, sigma, cond, g))[1])
     sft = train_run(tmp_path, "sft", "--rl.algorithm", "sft", "--rl.beta", "100", model=model)
+    # Rollouts sample with the guidance (4.5); the flow-matching loss runs without CFG, which for SD3 and Qwen-Image (true CFG) is scale 1
+    # and for FLUX (a distilled guidance embedding, no CFG to drop) the same 4.5 input the rollouts had.
+    assert set(scales) == ({4.5} if model == "flux" else {4.5, 1.0})
     online = train_run(tmp_path, "online_sft", "--rl.algorithm", "online_sft", "--rl.beta", "100",
                        "--lora.enable", "--lora.rank", "4", "--lora.alpha", "8", model=model)
     for run in (sft, online):

@@ -1,9 +1,9 @@
 """`python -m titan_flow.export`: a run's DCP checkpoint -> a diffusers `transformer/` directory.
 
 Two short CPU training runs (full fine-tune, and LoRA) of each family (the debug SD3 and the debug
-Qwen-Image) write checkpoints with an EMA that differs from the trained weights. The exports are read
-back with diffusers' own SD3Transformer2DModel / QwenImageTransformer2DModel and compared with our
-model holding the same weights, taken from the checkpoint independently of the export code (DCP's
+FLUX, the debug Qwen-Image) write checkpoints with an EMA that differs from the trained weights. The exports
+are read back with diffusers' own SD3Transformer2DModel / FluxTransformer2DModel / QwenImageTransformer2DModel
+and compared with our model holding the same weights, taken from the checkpoint independently of the export code (DCP's
 converter, no process group).
 """
 
@@ -17,12 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import QwenImageTransformer2DModel, SD3Transformer2DModel
+from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from titan_flow.checkpoint.manager import step_dir
 from titan_flow.peft.lora import apply_lora
+from titan_flow.models.common.latents import grid_ids
+from titan_flow.models.flux import FLAVORS as FLUX_FLAVORS
+from titan_flow.models.flux import FluxTransformer
 from titan_flow.models.qwen_image import FLAVORS as QWEN_FLAVORS
 from titan_flow.models.qwen_image import QwenImageTransformer
 from titan_flow.models.sd3 import FLAVORS, SD3Transformer
@@ -37,7 +40,7 @@ TRAIN = [
 ]
 LORA = ["--lora.enable", "true", "--lora.rank", "4", "--lora.alpha", "8", "--optimizer.lr", "0.05"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-TOL = 1e-5  # ours vs diffusers' in fp32 (tests/test_sd3_model.py, tests/test_qwen_image_model.py)
+TOL = 1e-5  # ours vs diffusers' in fp32 (tests/test_{sd3,flux,qwen_image}_model.py)
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out"]
 
@@ -74,6 +77,21 @@ def sd3_inputs(batch: int = 2) -> dict:
     )
 
 
+def flux_inputs(batch: int = 2) -> dict:
+    g = torch.Generator().manual_seed(0)
+    a = FLUX_FLAVORS["debug"]
+    ids = torch.cat([grid_ids(4, 6), grid_ids(3, 3, frame=1)])  # with Kontext-style condition tokens
+    return dict(
+        hidden_states=torch.randn(batch, len(ids), a.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(batch, 7, a.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, a.pooled_projection_dim, generator=g),
+        timestep=torch.rand(batch, generator=g),
+        img_ids=ids,
+        txt_ids=torch.zeros(7, 3),
+        guidance=torch.full((batch,), 3.5),
+    )
+
+
 def qwen_image_inputs(batch: int = 2) -> dict:
     g = torch.Generator().manual_seed(0)
     a = QWEN_FLAVORS["debug"]
@@ -89,9 +107,10 @@ def qwen_image_inputs(batch: int = 2) -> dict:
 
 
 # family -> (our class and debug args, diffusers' class, test inputs, trainer arguments, LoRA B matrices that
-# get no gradient: the last block's text queries, and Qwen-Image's last text output projection)
+# get no gradient: SD3's last block discards its text queries; Qwen-Image's last block its text output)
 FAMILIES = {
     "sd3": (SD3Transformer, FLAVORS["debug"], SD3Transformer2DModel, sd3_inputs, [], 1),
+    "flux": (FluxTransformer, FLUX_FLAVORS["debug"], FluxTransformer2DModel, flux_inputs, ["--model.name", "flux"], 0),
     "qwen_image": (QwenImageTransformer, QWEN_FLAVORS["debug"], QwenImageTransformer2DModel, qwen_image_inputs,
                    ["--model.name", "qwen_image"], 2),
 }
@@ -124,7 +143,8 @@ def assert_same_outputs(family: str, ours: torch.nn.Module, exported: Path, labe
     assert diff <= TOL
 
 
-@pytest.fixture(scope="module", params=["sd3", pytest.param("qwen_image", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["sd3", pytest.param("flux", marks=pytest.mark.slow),
+                                        pytest.param("qwen_image", marks=pytest.mark.slow)])
 def runs(request, tmp_path_factory):
     family = request.param
     model_args = FAMILIES[family][4]
@@ -155,11 +175,11 @@ def test_export_ema_and_raw_load_in_diffusers(runs):
 
 def test_export_merges_lora(runs):
     family, out, _, lora = runs
-    cls, args, *_, unused = FAMILIES[family]
+    cls, args, *_, frozen_b = FAMILIES[family]
     state, shadows = checkpoint_weights(lora, 2, out)
     assert any(k.endswith(".lora_B") for k in state)
-    # Trained B (zero at init) moved, but for the last block's unused text-stream layers, which get no gradient.
-    assert sum(bool(s.abs().max() > 0) for s in shadows[1::2]) == len(shadows[1::2]) - unused
+    # Trained B (zero at init) moved, but for adapters that get no gradient.
+    assert sum(bool(s.abs().max() > 0) for s in shadows[1::2]) == len(shadows[1::2]) - frozen_b
     run("--run", str(lora), "--out", str(out / "lora"), "--dtype", "float32", module="titan_flow.export")
     written = load_file(out / "lora" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert not any("lora" in k for k in written)
@@ -168,7 +188,9 @@ def test_export_merges_lora(runs):
 
 
 def test_export_errors_are_clear(runs, tmp_path):
-    _, out, full, _ = runs
+    family, out, full, _ = runs
+    if family != "sd3":
+        pytest.skip("the CLI's errors do not depend on the family")
     for args, message in [
         (["--run", str(tmp_path)], f"{tmp_path / 'config.json'} does not exist"),
         (["--run", str(full), "--step", "7"], "step 7 is not a complete checkpoint in .*: \\[1, 2\\]"),

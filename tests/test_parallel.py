@@ -1,8 +1,7 @@
 """FSDP2 data parallelism: 1, 2 and 4 processes give the same loss, gradients and updated weights.
 
-The script below runs under torchrun (gloo, CPU), once per model family (the tiny random SD3 and
-Qwen-Image policies). Every rank samples the same 8 trajectories of the tiny random policy (the full
-global batch, so rollouts are identical at every world size), keeps
+The script below runs under torchrun (gloo, CPU). Every rank samples the same 8 trajectories of the
+tiny random SD3 policy (the full global batch, so rollouts are identical at every world size), keeps
 its 8 / W of them with fixed advantages, and takes one Flow-GRPO step: the clipped-ratio loss of
 every denoising step, backward through the FSDP2 model (gradients reduce-scattered and averaged),
 global grad-norm clip, AdamW. Rank 0 writes the loss, the gathered gradients and the updated weights
@@ -42,9 +41,9 @@ from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
 from titan_flow.rl.sde import sde_step
 from titan_flow.train import build_model, build_policy
 
-out_file, variants, model_name = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-BASE = ["--model.name", model_name, "--model.resolution", "64", "--model.max_sequence_length", "16",
-        "--sampling.num_steps", "4", "--training.kernel_backend", "torch", "--sampling.noise_level", "1.0"]
+out_file, variants, model_args = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+BASE = ["--model.resolution", "64", "--model.max_sequence_length", "16", "--sampling.num_steps", "4",
+        "--training.kernel_backend", "torch", "--sampling.noise_level", "1.0", *model_args]
 N = %(batch)d
 cfg = build_job_config(BASE)
 dims = init_distributed(cfg)
@@ -133,20 +132,12 @@ VARIANTS = {
         "bf16_reduce": [*BF16, "--parallelism.mixed_precision_reduce", "bfloat16"], "bf16" + DROP_RANK1: BF16},
     4: {"base": [], "ac_full": AC_FULL, "hsdp_2x2": HSDP},
 }
-
-
-# Qwen-Image's one-step checks run in the slow suite (the FSDP2 plan is the same parallelize_blocks as SD3's);
-# its sharded-load memory check below runs by default.
-MODELS = ["sd3", pytest.param("qwen_image", marks=pytest.mark.slow)]
-# The parameters of the last block that get no gradient: that block's text-stream outputs are discarded
-# (SD3 has no text outputs there at all; Qwen-Image computes them, as diffusers does).
-UNUSED_LAST_BLOCK = {
-    "sd3": ("attn.add_q_proj.weight", "attn.add_q_proj.bias", "attn.norm_added_q.weight"),
-    "qwen_image": ("attn.add_q_proj.weight", "attn.add_q_proj.bias", "attn.norm_added_q.weight",
-                   "attn.to_add_out.weight", "attn.to_add_out.bias", "txt_mlp.net.0.proj.weight",
-                   "txt_mlp.net.0.proj.bias", "txt_mlp.net.2.weight", "txt_mlp.net.2.bias"),
-}
-TEXT_ENCODERS = {"sd3": ["clip_encoders", "clip_encoders", "t5_encoder"], "qwen_image": ["text_encoder"]}
+# The same step on the debug FLUX (double- and single-stream blocks are the FSDP units) and the debug
+# Qwen-Image (true CFG; its dual-stream blocks are the FSDP units; in the slow suite).
+MODEL_ARGS = {"sd3": [], "flux": ["--model.name", "flux"], "qwen_image": ["--model.name", "qwen_image"]}
+FLUX_VARIANTS = {1: {"base": [], "ac_full": AC_FULL}, 2: {"base": [], "ac_full": AC_FULL, "hsdp_2x1": HSDP}}
+FAMILY_VARIANTS = {"flux": FLUX_VARIANTS, "qwen_image": {w: v | {"bf16": BF16} for w, v in FLUX_VARIANTS.items()}}
+QWEN = pytest.mark.slow
 
 
 def run_world(nproc: int, variants: dict, out_dir: Path, model: str = "sd3") -> dict:
@@ -154,7 +145,7 @@ def run_world(nproc: int, variants: dict, out_dir: Path, model: str = "sd3") -> 
     script.write_text(SCRIPT)
     out_file = out_dir / f"{model}_ws{nproc}_{'_'.join(variants)}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(script), str(out_file), json.dumps(variants), model]
+           str(script), str(out_file), json.dumps(variants), json.dumps(MODEL_ARGS[model])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -171,17 +162,32 @@ def write_random_init_checkpoint(out_dir: Path, model: str = "sd3") -> Path:
     return spec.export_fn(spec.build("debug").state_dict(), spec.args("debug"), out_dir / model, "10GB")
 
 
-@pytest.fixture(scope="module", params=MODELS)
-def model(request):
-    return request.param
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel")
+    pretrained = ["--model.pretrained_path", str(write_random_init_checkpoint(out))]
+    extra = {1: {"pretrained": pretrained}, 2: {"pretrained": pretrained, "pretrained_hsdp": [*pretrained, *HSDP]}}
+    return {w: run_world(w, VARIANTS[w] | extra[w], out) for w in (1, 2)}
+
+
+def family_results(tmp_path_factory, model: str) -> dict:
+    out = tmp_path_factory.mktemp(f"parallel_{model}")
+    pretrained = {"pretrained": ["--model.pretrained_path", str(write_random_init_checkpoint(out, model))]}
+    return {w: run_world(w, FAMILY_VARIANTS[model][w] | pretrained, out, model) for w in (1, 2)}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, model):
-    out = tmp_path_factory.mktemp(f"parallel_{model}")
-    pretrained = ["--model.pretrained_path", str(write_random_init_checkpoint(out, model))]
-    extra = {1: {"pretrained": pretrained}, 2: {"pretrained": pretrained, "pretrained_hsdp": [*pretrained, *HSDP]}}
-    return {w: run_world(w, VARIANTS[w] | extra[w], out, model) for w in (1, 2)}
+def flux_results(tmp_path_factory):
+    return family_results(tmp_path_factory, "flux")
+
+
+@pytest.fixture(scope="module")
+def qwen_image_results(tmp_path_factory):
+    return family_results(tmp_path_factory, "qwen_image")
+
+
+def results_of(request, model: str) -> dict:
+    return request.getfixturevalue({"sd3": "results", "flux": "flux_results", "qwen_image": "qwen_image_results"}[model])
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -207,18 +213,30 @@ def assert_equivalent(a: dict, b: dict, loss_rtol: float, grad_rtol: float, weig
     assert weight_atol is None or weight_diff <= weight_atol, label
 
 
-def test_one_step_takes_a_real_update(results, model):
+@pytest.mark.parametrize("model", ["sd3", "flux", pytest.param("qwen_image", marks=QWEN)])
+def test_one_step_takes_a_real_update(request, model):
     """Guards the comparisons below against a vacuous step: non-zero loss, gradients everywhere, moved weights."""
-    r = results[1]["base"]
+    r = results_of(request, model)[1]["base"]
     assert r["loss"] != 0 and r["grad_norm"] > 0
-    params = [k for k in r["state"] if not k.endswith("pos_embed")]
-    without = {k for k in params if k not in r["grads"] or r["grads"][k].abs().max() == 0}
-    # Only the last block's unused text-stream parameters get no gradient (zero, or None when unused).
-    last = max(int(k.split(".")[1]) for k in r["grads"] if k.startswith("transformer_blocks."))
-    assert without == {f"transformer_blocks.{last}.{name}" for name in UNUSED_LAST_BLOCK[model]}
+    zero = {k for k, g in r["grads"].items() if g.abs().max() == 0}
+    if model == "sd3":  # only the last block's context queries get no gradient: it discards its context output
+        last = max(int(k.split(".")[1]) for k in r["grads"] if k.startswith("transformer_blocks."))
+        assert zero == {f"transformer_blocks.{last}.attn.{name}" for name in
+                        ("add_q_proj.weight", "add_q_proj.bias", "norm_added_q.weight")}
+    elif model == "qwen_image":  # the last block computes its text outputs (as diffusers) but they are discarded
+        last = max(int(k.split(".")[1]) for k in r["grads"] if k.startswith("transformer_blocks."))
+        without = zero | {k for k in r["state"] if k not in r["grads"]}  # zero, or None when unused
+        assert without == {f"transformer_blocks.{last}.{name}" for name in (
+            "attn.add_q_proj.weight", "attn.add_q_proj.bias", "attn.norm_added_q.weight", "attn.to_add_out.weight",
+            "attn.to_add_out.bias", "txt_mlp.net.0.proj.weight", "txt_mlp.net.0.proj.bias", "txt_mlp.net.2.weight",
+            "txt_mlp.net.2.bias")}
+        return
+    else:
+        assert zero == set()
+    assert len(r["grads"]) == len([k for k in r["state"] if not k.endswith("pos_embed")])
 
 
-def bf16_gradient_tolerance(model: str) -> float:
+def bf16_gradient_tolerance(model: str = "sd3") -> float:
     """How far the 1- and 2-process bf16 gradients may lie apart, relative to the largest entry.
 
     Both runs re-score the same rollouts, on different micro-batch shapes (so different CPU kernels),
@@ -232,8 +250,11 @@ def bf16_gradient_tolerance(model: str) -> float:
     return 2 * rounding_bound(2 * chain_length(get_model_spec(model).build("debug")))
 
 
-@pytest.mark.parametrize("variant", ["base", "ac_full", "bf16"])
-def test_two_processes_match_one(results, variant, model):
+@pytest.mark.parametrize(("model", "variant"), [("sd3", "base"), ("sd3", "ac_full"), ("sd3", "bf16"),
+                                                ("flux", "base"), ("flux", "ac_full"),
+                                                *(pytest.param("qwen_image", v, marks=QWEN) for v in ("base", "ac_full", "bf16"))])
+def test_two_processes_match_one(request, model, variant):
+    results = results_of(request, model)
     one, two = results[1][variant], results[2][variant]
     assert torch.equal(one["latents"], two["latents"])  # the same rollouts at both world sizes
     if variant == "bf16":  # bf16 forward on per-rank micro-batches: bf16 rounding, not fp32
@@ -243,17 +264,19 @@ def test_two_processes_match_one(results, variant, model):
         assert_equivalent(one, two, 1e-5, 1e-5, STEP_TOL, f"{variant} 1 vs 2 procs")
 
 
-def test_bf16_tolerance_catches_a_dropped_rank(results, model):
+def test_bf16_tolerance_catches_a_dropped_rank(results):
     """The bf16 bound is loose enough for any CPU's rounding yet catches a real sharding bug: with rank 1's
     gradient contribution dropped, the 2-process gradient is off by about half, far beyond the bound."""
-    tol = bf16_gradient_tolerance(model)
+    tol = bf16_gradient_tolerance()
     assert tol < 0.5  # a dropped rank's share is about half of the gradient: a wider bound could not see it
     with pytest.raises(AssertionError, match="bf16 with rank 1 dropped"):
         assert_equivalent(results[1]["bf16"], results[2]["bf16" + DROP_RANK1], 1.0, tol, None,
                           "bf16 with rank 1 dropped")
 
 
-def test_hsdp_matches_one_process(results):
+@pytest.mark.parametrize("model", ["sd3", "flux", pytest.param("qwen_image", marks=QWEN)])
+def test_hsdp_matches_one_process(request, model):
+    results = results_of(request, model)
     assert_equivalent(results[1]["base"], results[2]["hsdp_2x1"], 1e-5, 1e-5, STEP_TOL, "HSDP 2x1 vs 1 proc")
 
 
@@ -270,29 +293,42 @@ def assert_bitwise(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("mode", ["ac_full", "ac_selective"])
-def test_activation_checkpointing_is_bitwise(results, world, mode):
+@pytest.mark.parametrize(("model", "mode"), [("sd3", "ac_full"), ("sd3", "ac_selective"), ("flux", "ac_full"),
+                                               pytest.param("qwen_image", "ac_full", marks=QWEN)])
+def test_activation_checkpointing_is_bitwise(request, model, world, mode):
+    results = results_of(request, model)
     assert_bitwise(results[world]["base"], results[world][mode])
 
 
-@pytest.mark.parametrize(("world", "variant"), [(1, "pretrained"), (2, "pretrained"), (2, "pretrained_hsdp")])
-def test_meta_build_with_sharded_load_is_bitwise(results, world, variant):
+@pytest.mark.parametrize(("model", "world", "variant"), [("sd3", 1, "pretrained"), ("sd3", 2, "pretrained"),
+                                                         ("sd3", 2, "pretrained_hsdp"), ("flux", 1, "pretrained"),
+                                                         ("flux", 2, "pretrained"),
+                                                         pytest.param("qwen_image", 1, "pretrained", marks=QWEN),
+                                                         pytest.param("qwen_image", 2, "pretrained", marks=QWEN)])
+def test_meta_build_with_sharded_load_is_bitwise(request, model, world, variant):
     """The same weights built on meta and loaded shard by shard from safetensors (each rank reading
     only its rows) train exactly like the random init they were saved from."""
+    results = results_of(request, model)
     same_mesh = {"pretrained": "base", "pretrained_hsdp": "hsdp_2x1"}[variant]
     assert_bitwise(results[world][same_mesh], results[world][variant])
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_replicated_reference_equals_sharded(results, world):
+@pytest.mark.parametrize("model", ["sd3", "flux", pytest.param("qwen_image", marks=QWEN)])
+def test_replicated_reference_equals_sharded(request, model, world):
+    results = results_of(request, model)
     (sharded, v_shard), (replicated_is_fsdp, v_rep) = (results[world]["frozen"][p] for p in ("shard", "replicate"))
     assert sharded and not replicated_is_fsdp
     assert torch.equal(v_shard, v_rep)
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_sharded_text_encoders_give_the_same_embeddings(results, world, model):
-    assert results[world]["sharded_encoders"] == TEXT_ENCODERS[model]
+@pytest.mark.parametrize("model", ["sd3", "flux", pytest.param("qwen_image", marks=QWEN)])
+def test_sharded_text_encoders_give_the_same_embeddings(request, model, world):
+    results = results_of(request, model)
+    expected = {"sd3": ["clip_encoders", "clip_encoders", "t5_encoder"], "flux": ["clip_encoder", "t5_encoder"],
+                "qwen_image": ["text_encoder"]}
+    assert results[world]["sharded_encoders"] == expected[model]
     assert results[world]["encoders_equal"] is True
 
 
@@ -315,8 +351,8 @@ def test_load_into_shards_names_what_does_not_fit(tmp_path):
 
 
 @pytest.mark.slow
-def test_four_processes_match_one(results, tmp_path, model):
-    four = run_world(4, VARIANTS[4], tmp_path, model)
+def test_four_processes_match_one(results, tmp_path):
+    four = run_world(4, VARIANTS[4], tmp_path)
     one = results[1]["base"]
     assert torch.equal(one["latents"], four["base"]["latents"])
     assert_equivalent(one, four["base"], 1e-5, 1e-5, STEP_TOL, "1 vs 4 procs")

@@ -65,6 +65,8 @@ def test_recipe_has_the_reference_hyper_parameters(name):
     assert (cfg.checkpoint.interval, cfg.eval.freq, cfg.eval.batch_size) == (interval, 30, 4)
     assert cfg.reward.fns == rewards and set(rewards) <= set(reward_names())
     assert (cfg.data.path, cfg.data.format) == (data, data_format)
+    if "edit" in name:  # the source image at ~1024^2 pixels (diffusers' and the reference's), read from the jsonl
+        assert (m.condition_size, cfg.data.image_key) == ("preferred", "image")
 
 
 def test_qwen_lora_targets_resolve_on_the_backbone():

@@ -3,7 +3,6 @@ gloo processes): Flow-GRPO with true CFG, its rollouts re-scored on-policy (impo
 step and rank), the two ranks' gradients reduced by FSDP2 (tests/test_parallel.py checks them against 1
 process); editing reads the shared counting-edit set through the data loader."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_flux_train import assert_on_policy  # the same on-policy check as the Kontext debug job's
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_QWEN = [
@@ -44,24 +44,9 @@ def test_grpo_on_two_gloo_ranks_is_on_policy(tmp_path):
 # --------------------------------------------------------------------------- Qwen-Image-Edit, end to end
 
 EDIT_DEBUG = REPO / "train_configs" / "qwen_image_edit_debug_cpu.toml"
-# The shared counting-edit set and its built-in debug split come with the FLUX.1-Kontext work (issue item 3: one
-# implementation); until that is merged here these tests say so rather than pass.
-needs_builtin_edit_set = pytest.mark.skipif(
-    importlib.util.find_spec("titan_flow.data.debug_edit") is None,
-    reason="data.path = builtin:counting_edit (titan_flow/data/debug_edit.py) is not merged into this branch yet",
-)
 EDIT_SHORT = ["--job.config_file", str(EDIT_DEBUG), "--training.steps", "2", "--checkpoint.enable", "false"]
 
 
-def assert_on_policy(epochs: list[dict], trained_steps: list[int]) -> None:
-    for m in epochs:  # one sampling round, one update per epoch: training re-scores its own rollouts
-        assert m["ratio/min"] == 1.0 and m["ratio/max"] == 1.0 and m["loss/approx_kl"] == 0.0, m["step"]
-        assert sorted(int(k.split("/")[1].split("_")[0]) for k in m if k.startswith("ratio_per_step/")
-                      and k.endswith("_mean")) == trained_steps
-        assert m["optim/grad_norm"] > 0
-
-
-@needs_builtin_edit_set
 def test_edit_debug_job_trains_on_policy_with_the_counting_edit_reward(tmp_path):
     """train_configs/qwen_image_edit_debug_cpu.toml at 1 rank, in process: the built-in counting-edit set's
     source images (drawn in 2 loader workers) condition Qwen2.5-VL and the backbone, the reward compares each
@@ -80,6 +65,7 @@ def test_edit_debug_job_trains_on_policy_with_the_counting_edit_reward(tmp_path)
     epochs = [json.loads(line) for line in (tmp_path / "edit" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in epochs] == [0, 1]
     assert_on_policy(epochs, [0, 1, 2, 3, 4])
+    assert all(m["optim/grad_norm"] > 0 for m in epochs)
     for m in epochs:
         assert -1 <= m["reward/image_similarity_mean"] <= 1 and m["reward/image_similarity_std"] > 0
     (events,) = (tmp_path / "edit" / "tb").glob("events.out.tfevents.*")
@@ -89,7 +75,6 @@ def test_edit_debug_job_trains_on_policy_with_the_counting_edit_reward(tmp_path)
 
 
 @pytest.mark.slow
-@needs_builtin_edit_set
 def test_edit_debug_job_on_two_gloo_ranks_is_on_policy(tmp_path):
     """The same job at 2 ranks (FSDP2, each rank its own source images): the ratio is exactly 1 on both."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "titan_flow.train",
@@ -101,3 +86,4 @@ def test_edit_debug_job_on_two_gloo_ranks_is_on_policy(tmp_path):
     epochs = [json.loads(line) for line in (tmp_path / "edit2" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in epochs] == [0, 1]
     assert_on_policy(epochs, [0, 1, 2, 3, 4])
+    assert all(m["optim/grad_norm"] > 0 for m in epochs)

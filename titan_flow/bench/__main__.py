@@ -3,6 +3,7 @@
     python -m titan_flow.bench [--warmup 1] [--epochs 3] [--job.config_file X.toml --section.key value ...]
     torchrun --nproc-per-node 8 -m titan_flow.bench --job.config_file train_configs/sd3_pickscore.toml
     python -m titan_flow.bench --backbone wan      # our backbone vs diffusers': fwd+bwd time, peak memory
+    python -m titan_flow.bench --backbone flux
     python -m titan_flow.bench --backbone qwen_image
 
 Runs the real trainer for warmup + measured epochs (no checkpoints, no eval, no TensorBoard) and
@@ -10,8 +11,8 @@ prints, for every rank, its peak memory (CUDA: allocated and reserved by the cac
 CPU: the process's peak resident set) and, from rank 0, the rollout and end-to-end images/s per
 rank over the measured epochs (the trainer's own perf/ timings, in metrics.jsonl). The memory the
 parameters and optimizer state need by construction is printed by `python -m titan_flow.bench.memory`.
-With `--backbone NAME` it instead compares our backbone with diffusers' class, forward + backward time
-and peak memory side by side at one small config (titan_flow/bench/backbone.py).
+`--backbone NAME` instead compares our backbone with diffusers' at one small config, side by side:
+forward + backward time and peak memory (titan_flow/bench/backbone.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Our backbone vs diffusers' implementation: forward + backward time and peak memory at the same config.
 
     python -m titan_flow.bench --backbone wan [--iters 5] [--dtype bfloat16] [--device cuda]
+    python -m titan_flow.bench --backbone flux
     python -m titan_flow.bench --backbone qwen_image
 
 Both models are built with the same config and run on the same inputs; a step is forward + backward
@@ -67,6 +68,46 @@ def _wan_inputs(device: torch.device, dtype: torch.dtype) -> dict:
     )
 
 
+def _flux_config() -> dict:
+    # (frame, row, col) RoPE split in FLUX.1's proportions (16, 56, 56) of its 128-wide heads
+    return dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+                num_attention_heads=4, joint_attention_dim=1024, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(8, 28, 28))
+
+
+def _flux_diffusers() -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return FluxTransformer2DModel(**_flux_config())
+
+
+def _flux_ours() -> torch.nn.Module:
+    """Ours holding diffusers' weights (the same seeded init), so both compute the same function."""
+    from titan_flow.models.flux import FluxArgs, FluxTransformer
+
+    with torch.device("meta"):
+        model = FluxTransformer(FluxArgs(**_flux_config()))
+    model.load_state_dict(_flux_diffusers().state_dict(), strict=True, assign=True)
+    return model
+
+
+def _flux_inputs(device: torch.device, dtype: torch.dtype) -> dict:
+    from titan_flow.models.common.latents import grid_ids
+
+    g = torch.Generator().manual_seed(1)
+    return dict(
+        hidden_states=torch.randn(2, 16 * 16, 64, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(2, 64, 1024, generator=g).to(device, dtype),
+        pooled_projections=torch.randn(2, 768, generator=g).to(device, dtype),
+        timestep=torch.rand(2, generator=g).to(device),
+        img_ids=grid_ids(16, 16).to(device),
+        txt_ids=torch.zeros(64, 3, device=device),
+        guidance=torch.full((2,), 3.5, device=device),
+    )
+
+
 # Qwen-Image at a size a CPU runs in seconds: 2 blocks of width 256 (4 heads of 64, the published head
 # split scaled), a 256 px target's 256 image tokens plus 64 text tokens (one prompt padded), batch 2.
 def _qwen_config() -> dict:
@@ -103,6 +144,8 @@ def _qwen_inputs(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 CASES = {
+    "flux": Case("FLUX.1, 2 double + 4 single blocks of width 256 (4 x 64 heads), batch 2, 16 x 16 = 256 image + "
+                 "64 text tokens, guidance embedding", _flux_ours, _flux_diffusers, _flux_inputs),
     "qwen_image": Case("Qwen-Image MMDiT, 2 blocks of width 256 (4 x 64 heads), batch 2, 256 image + 64 text "
                        "tokens (one prompt masked to 40)", _qwen_ours, _qwen_diffusers, _qwen_inputs),
     "wan": Case("Wan2.1 T2V, 4 blocks of width 256 (4 x 64 heads), batch 2, latent 16 x 5 x 16 x 24 = 480 tokens, "

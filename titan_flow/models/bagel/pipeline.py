@@ -42,6 +42,8 @@ from titan_flow.models.bagel.model import (
     unpatchify_latents,
 )
 from titan_flow.models.bagel.state_dict_adapter import SPECIAL_TOKENS
+from titan_flow.models.common import tiny
+from titan_flow.models.common.images import to_pil_image
 from titan_flow.models.common.attention import ATTENTION_BACKENDS
 from titan_flow.models.common.images import to_pil_image
 from titan_flow.models.common.schedules import shifted_linear_sigmas
@@ -158,24 +160,9 @@ def byte_level_tokenizer():
 
 def tiny_flux_vae(latent_channels: int, seed: int = 0):
     """A random FLUX-architecture VAE (8x downsampling, 32 channels per level) for the debug flavor."""
-    from diffusers import AutoencoderKL
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 32, 32),
-            layers_per_block=1,
-            norm_num_groups=VAE_NORM_GROUPS,
-            latent_channels=latent_channels,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            scaling_factor=VAE_SCALING_FACTOR,
-            shift_factor=VAE_SHIFT_FACTOR,
-        )
+    vae = tiny.with_seed(seed, lambda: tiny.autoencoder(
+        latent_channels, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR, block_out_channels=(32,) * 4,
+        norm_num_groups=VAE_NORM_GROUPS))
     return vae.eval().requires_grad_(False)
 
 

@@ -26,6 +26,7 @@ SPEC = ModelSpec(
     pipeline_cls=QwenImagePipeline,
     parallelize=parallelize_qwen_image,
     pretrained_defaults=pretrained_defaults,
+    pipeline_options=lambda cfg: dict(condition_size=cfg.model.condition_size),
     load_checkpoint_fn=load_checkpoint,
     export_fn=lambda sd, args, out, max_shard_size: save_diffusers(sd, args, Path(out) / "transformer", max_shard_size),
 )

@@ -15,13 +15,16 @@ import torch
 import torch.nn as nn
 
 from titan_flow.models.common.state_dict import (
+    KeyRule,
     block_indices,
     build_loaded,
     check_keys,
+    from_original_keys,
+    linear_rules,
     load_diffusers_dir,
-    listing,
     read_safetensors,
     state_dict_of,
+    to_original_keys,
     write_diffusers_dir,
 )
 from titan_flow.models.sd3.args import SD3Args
@@ -29,7 +32,6 @@ from titan_flow.models.sd3.model import SD3Transformer
 
 ORIGINAL_PREFIX = "model.diffusion_model."
 SAI_HEAD_DIM = 64  # every SAI MMDiT uses 64-wide heads (hidden = 64 * depth)
-
 
 
 def infer_args(state_dict: dict[str, torch.Tensor], head_dim: int | None = None) -> SD3Args:
@@ -102,18 +104,14 @@ def to_diffusers(state_dict: dict[str, torch.Tensor], args: SD3Args | None = Non
 # --- SAI single-file format -------------------------------------------------------------------
 
 
-def _original_key_table(
-    num_layers: int, dual_layers: set[int], qk_norm: bool
-) -> list[tuple[str, tuple[str, ...], str]]:
-    """(original key, our keys, how): 'copy', 'qkv' (original is [q; k; v] along dim 0) or 'swap'
-    (original stores (shift, scale), ours (scale, shift))."""
+def _original_key_table(num_layers: int, dual_layers: set[int], qk_norm: bool) -> list[KeyRule]:
+    """The rules of every original key: fused q/k/v are split in three, the continuous adaLN halves swapped."""
     table = []
 
     def add(original: str, ours: list[str], how: str = "copy", suffixes=("weight", "bias")):
-        for s in suffixes:
-            table.append((f"{original}.{s}", tuple(f"{o}.{s}" for o in ours), how))
+        table.extend(linear_rules(original, ours, how, suffixes=suffixes))
 
-    table.append(("pos_embed", ("pos_embed.pos_embed",), "copy"))
+    table.append(KeyRule("pos_embed", ("pos_embed.pos_embed",)))
     add("x_embedder.proj", ["pos_embed.proj"])
     add("t_embedder.mlp.0", ["time_text_embed.timestep_embedder.linear_1"])
     add("t_embedder.mlp.2", ["time_text_embed.timestep_embedder.linear_2"])
@@ -123,8 +121,8 @@ def _original_key_table(
     for i in range(num_layers):
         last = i == num_layers - 1
         x, c, b = f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block", f"transformer_blocks.{i}"
-        add(f"{x}.attn.qkv", [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"], "qkv")
-        add(f"{c}.attn.qkv", [f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"], "qkv")
+        add(f"{x}.attn.qkv", [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"], "split")
+        add(f"{c}.attn.qkv", [f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"], "split")
         if qk_norm:
             add(f"{x}.attn.ln_q", [f"{b}.attn.norm_q"], suffixes=("weight",))
             add(f"{x}.attn.ln_k", [f"{b}.attn.norm_k"], suffixes=("weight",))
@@ -134,7 +132,7 @@ def _original_key_table(
         if not last:
             add(f"{c}.attn.proj", [f"{b}.attn.to_add_out"])
         if i in dual_layers:
-            add(f"{x}.attn2.qkv", [f"{b}.attn2.to_q", f"{b}.attn2.to_k", f"{b}.attn2.to_v"], "qkv")
+            add(f"{x}.attn2.qkv", [f"{b}.attn2.to_q", f"{b}.attn2.to_k", f"{b}.attn2.to_v"], "split")
             if qk_norm:
                 add(f"{x}.attn2.ln_q", [f"{b}.attn2.norm_q"], suffixes=("weight",))
                 add(f"{x}.attn2.ln_k", [f"{b}.attn2.norm_k"], suffixes=("weight",))
@@ -151,19 +149,6 @@ def _original_key_table(
     return table
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
-def _raise_on_leftovers(source: str, missing: list[str], unexpected: list[str]) -> None:
-    problems = [
-        f"{n}: {listing(sorted(k))}" for n, k in (("missing keys", missing), ("unexpected keys", unexpected)) if k
-    ]
-    if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
-
-
 def from_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SAI single-file keys -> ours. With the `model.diffusion_model.` prefix present, keys outside
     it (VAE, text encoders bundled in the same file) are ignored."""
@@ -174,16 +159,7 @@ def from_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         raise ValueError("not an SD3 single-file checkpoint: no (model.diffusion_model.)joint_blocks.* keys")
     dual = set(block_indices([k for k in state_dict if ".x_block.attn2." in k], "joint_blocks."))
     table = _original_key_table(layers[-1] + 1, dual, qk_norm=any(".ln_q." in k for k in state_dict))
-    out, missing = {}, []
-    for original, ours, how in table:
-        if original not in state_dict:
-            missing.append(original)
-            continue
-        t = state_dict[original]
-        parts = t.chunk(3, dim=0) if how == "qkv" else (_swap_halves(t) if how == "swap" else t,)
-        out.update(zip(ours, parts))
-    _raise_on_leftovers("SD3 single-file checkpoint", missing, sorted(set(state_dict) - {o for o, _, _ in table}))
-    return out
+    return from_original_keys(state_dict, table, "SD3 single-file checkpoint")
 
 
 def to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -193,16 +169,7 @@ def to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise ValueError("not an SD3 transformer state dict: no transformer_blocks.* keys")
     dual = set(block_indices([k for k in state_dict if ".attn2." in k], "transformer_blocks."))
     table = _original_key_table(layers[-1] + 1, dual, qk_norm=any(".attn.norm_q." in k for k in state_dict))
-    out, missing = {}, []
-    for original, ours, how in table:
-        if any(k not in state_dict for k in ours):
-            missing.extend(k for k in ours if k not in state_dict)
-            continue
-        parts = [state_dict[k] for k in ours]
-        t = torch.cat(parts, dim=0) if how == "qkv" else (_swap_halves(parts[0]) if how == "swap" else parts[0])
-        out[ORIGINAL_PREFIX + original] = t
-    _raise_on_leftovers("SD3 state dict", missing, sorted(set(state_dict) - {k for _, ours, _ in table for k in ours}))
-    return out
+    return to_original_keys(state_dict, table, "SD3 state dict", prefix=ORIGINAL_PREFIX)
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -245,5 +212,5 @@ def save_diffusers(
 ) -> Path:
     """Write a diffusers transformer directory (config.json + safetensors, sharded above
     `max_shard_size`) that `SD3Transformer2DModel.from_pretrained(out_dir)` loads."""
-    state_dict = to_diffusers(state_dict_of(model_or_state_dict), args)
+    state_dict = to_diffusers(dict(state_dict_of(model_or_state_dict)), args)
     return write_diffusers_dir(state_dict, args.to_diffusers_config(), out_dir, max_shard_size)
