@@ -45,7 +45,6 @@ from titan_flow.models.bagel.state_dict_adapter import SPECIAL_TOKENS
 from titan_flow.models.common import tiny
 from titan_flow.models.common.images import to_pil_image
 from titan_flow.models.common.attention import ATTENTION_BACKENDS
-from titan_flow.models.common.images import to_pil_image
 from titan_flow.models.common.schedules import shifted_linear_sigmas
 from titan_flow.models.registry import pipeline_defaults
 
