@@ -320,7 +320,7 @@ def build(case: Case, device: str | torch.device = "cpu", dtype: torch.dtype = t
         ours.load_state_dict(spec.from_diffusers(reference.state_dict(), args), strict=True)
         models["ours"] = ours.to(dtype).train()
     if "diffusers" in which:
-        models["diffusers"] = reference.to(dtype).train()
+        models["diffusers"] = (reference if dtype == torch.float32 else reference.to(dtype)).train()  # built in fp32
     ours_inputs = _cast(family.inputs(config, torch.Generator().manual_seed(1)), device, dtype)
     inputs = {"ours": ours_inputs, "diffusers": {**family.diffusers_inputs(ours_inputs), "return_dict": False}}
     return Pair(models, {k: inputs[k] for k in models})
@@ -480,6 +480,7 @@ class Result:
     max_abs_diff: float
     max_abs_output: float
     ms: dict[str, float] = field(default_factory=dict)  # median per step
+    ms_range: dict[str, tuple[float, float]] = field(default_factory=dict)  # fastest and slowest step
     peak_mib: dict[str, float] = field(default_factory=dict)
     saved_mib: dict[str, float] = field(default_factory=dict)
     flops: dict[str, int] = field(default_factory=dict)  # per step, forward + backward
@@ -528,6 +529,7 @@ def compare(case: Case, device: str = "cpu", dtype: str = "float32", iters: int 
             raise ValueError(f"modes: {mode!r} is not 'eager' or 'compile'")
         times = time_interleaved(steps, iters, dev)
         r.ms = {w: 1e3 * statistics.median(t) for w, t in times.items()}
+        r.ms_range = {w: (1e3 * min(t), 1e3 * max(t)) for w, t in times.items()}
         if mode == "eager":
             r.saved_mib = {w: saved_for_backward_mib(pair.models[w], pair.inputs[w]) for w in IMPLEMENTATIONS}
         if memory and dev.type == "cuda":
@@ -566,14 +568,15 @@ def report(results: list[Result], iters: int) -> str:
     first = results[0]
     memory = "CUDA allocator peak above the resident weights" if first.device.startswith("cuda") else \
         "growth of the peak resident set, each implementation in its own process"
-    lines = [f"[bench] forward+backward, {first.dtype} on {first.device}, median of {iters} alternated steps each; "
+    lines = [f"[bench] forward+backward, {first.dtype} on {first.device}, median of {iters} alternated steps each (fastest-slowest in brackets); "
              f"peak memory = {memory}; FLOPs counted from the architecture (3 x forward matmuls + attention)"]
     for r in results:
         lines.append(f"[bench] {r.description}, {r.params / 1e6:.2f} M params, {r.mode}; outputs agree to "
                      f"{r.max_abs_diff:.2g} (largest |output| {r.max_abs_output:.3g})")
         for w in IMPLEMENTATIONS:
             peak = r.peak_mib.get(w)
-            lines.append(f"[bench]   {w:9s} {r.ms[w]:9.1f} ms  {r.tokens_per_s(w):10.4g} tokens/s  "
+            spread = "({:.0f}-{:.0f})".format(*r.ms_range[w]) if r.ms_range else ""
+            lines.append(f"[bench]   {w:9s} {r.ms[w]:9.1f} ms {spread:13s} {r.tokens_per_s(w):10.4g} tokens/s  "
                          f"{r.tflops(w):8.3g} TFLOP/s  peak {_fmt(peak, '8.1f')} MiB  "
                          f"saved for backward {_fmt(r.saved_mib.get(w), '8.1f')} MiB")
         lines.append(f"[bench]   ours / diffusers: time {r.ratio('ms'):.2f}x, peak memory "
