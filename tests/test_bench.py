@@ -173,6 +173,26 @@ def test_ours_saves_no_more_for_backward_than_diffusers(family):
     assert 0 < saved["ours"] <= saved["diffusers"]
 
 
+@pytest.mark.parametrize("family", backbone.ported_families())
+def test_ours_holds_no_more_live_tensors_than_diffusers(family):
+    """The peak of live tensors over one step: at least what autograd saves for backward, and ours is no larger."""
+    pair = backbone.build(backbone.Case(family, "toy"))
+    peak = {w: backbone.tensor_peak_mib(pair.models[w], pair.inputs[w]) for w in backbone.IMPLEMENTATIONS}
+    saved = backbone.saved_for_backward_mib(pair.models["ours"], pair.inputs["ours"])
+    assert saved <= peak["ours"] <= peak["diffusers"]
+
+
+def test_live_tensor_peak_counts_what_is_held_not_what_was_freed():
+    x = torch.ones(1024)  # 4 KiB, created outside: not counted
+    counter = backbone._LiveTensorBytes()
+    with counter:
+        a = x * 3  # 4 KiB held
+        b = x * 4  # 4 KiB held: peak 8 KiB
+        del b
+        c = x * 5  # the peak stays 8 KiB
+    assert counter.peak == 2 * 4096 and counter.live == 2 * 4096 and a.numel() == c.numel()
+
+
 def test_steps_alternate_and_the_warm_up_is_not_timed():
     calls = []
     times = backbone.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3,

@@ -21,6 +21,9 @@ every weight trained.
   since in one process the C allocator would reuse the other model's freed memory.
 - saved for backward: the bytes of the distinct storages autograd keeps for backward (saved-tensor
   hooks), a property of the graph that machine load cannot blur.
+- peak of live tensors (CPU): the peak bytes of the tensors one step creates and still holds (a dispatch
+  mode sees every op's output and when its storage is freed), the implementation's own memory without
+  the C allocator's caching and fragmentation that the resident-set figure includes.
 - FLOPs: counted from the architecture by `count_flops`: every matmul (F.linear, matmul, mm, bmm,
   addmm, baddbmm, convolutions) and every scaled_dot_product_attention of one forward, as executed,
   at 2 FLOPs per multiply-add (attention: 4 B H Sq Sk D); forward + backward is 3x the forward (the
@@ -39,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMPLEMENTATIONS = ("ours", "diffusers")
@@ -359,6 +365,44 @@ def saved_for_backward_mib(model: nn.Module, inputs: dict) -> float:
     return sum(storages.values()) / MIB
 
 
+class _LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the distinct storages created inside it that are still alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.sizes:
+                    self.sizes[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key)
+        return out
+
+    def _freed(self, key: int) -> None:
+        self.live -= self.sizes.pop(key, 0)
+
+
+def tensor_peak_mib(model: nn.Module, inputs: dict) -> float:
+    """MiB of the peak of live tensors one step creates (activations, gradients, temporaries; every op of the
+    forward and the backward counted at its output): what an implementation holds, without the allocator's
+    caching and fragmentation that blur a resident-set measurement on the CPU."""
+    counter = _LiveTensorBytes()
+    with counter:
+        out = output(model, inputs)
+        out.float().square().mean().backward()
+    del out
+    model.zero_grad(set_to_none=True)
+    return counter.peak / MIB
+
+
 # ---------------------------------------------------------------------------------------------- FLOPs
 def _matmul_flops(out: torch.Tensor, inner: int) -> int:
     return 2 * out.numel() * inner
@@ -483,6 +527,7 @@ class Result:
     ms_range: dict[str, tuple[float, float]] = field(default_factory=dict)  # fastest and slowest step
     peak_mib: dict[str, float] = field(default_factory=dict)
     saved_mib: dict[str, float] = field(default_factory=dict)
+    tensor_peak_mib: dict[str, float] = field(default_factory=dict)  # CPU: peak of live tensors in one step
     flops: dict[str, int] = field(default_factory=dict)  # per step, forward + backward
     compile_s: dict[str, float] = field(default_factory=dict)  # first compiled step (compile mode)
     peak_tflops: float | None = None  # the device's, for MFU
@@ -532,6 +577,8 @@ def compare(case: Case, device: str = "cpu", dtype: str = "float32", iters: int 
         r.ms_range = {w: (1e3 * min(t), 1e3 * max(t)) for w, t in times.items()}
         if mode == "eager":
             r.saved_mib = {w: saved_for_backward_mib(pair.models[w], pair.inputs[w]) for w in IMPLEMENTATIONS}
+            if dev.type == "cpu":
+                r.tensor_peak_mib = {w: tensor_peak_mib(pair.models[w], pair.inputs[w]) for w in IMPLEMENTATIONS}
         if memory and dev.type == "cuda":
             r.peak_mib = {w: cuda_peak_above(steps[w], dev) for w in IMPLEMENTATIONS}
         elif memory and mode == "eager":
@@ -578,10 +625,12 @@ def report(results: list[Result], iters: int) -> str:
             spread = "({:.0f}-{:.0f})".format(*r.ms_range[w]) if r.ms_range else ""
             lines.append(f"[bench]   {w:9s} {r.ms[w]:9.1f} ms {spread:13s} {r.tokens_per_s(w):10.4g} tokens/s  "
                          f"{r.tflops(w):8.3g} TFLOP/s  peak {_fmt(peak, '8.1f')} MiB  "
-                         f"saved for backward {_fmt(r.saved_mib.get(w), '8.1f')} MiB")
+                         f"saved for backward {_fmt(r.saved_mib.get(w), '8.1f')} MiB  "
+                         f"peak of live tensors {_fmt(r.tensor_peak_mib.get(w), '8.1f')} MiB")
         lines.append(f"[bench]   ours / diffusers: time {r.ratio('ms'):.2f}x, peak memory "
                      f"{_fmt(r.ratio('peak_mib') if r.peak_mib else None, '.2f', 'x')}, saved for backward "
-                     f"{_fmt(r.ratio('saved_mib') if r.saved_mib else None, '.2f', 'x')}")
+                     f"{_fmt(r.ratio('saved_mib') if r.saved_mib else None, '.2f', 'x')}, peak of live tensors "
+                     f"{_fmt(r.ratio('tensor_peak_mib') if r.tensor_peak_mib else None, '.2f', 'x')}")
     return "\n".join(lines)
 
 
