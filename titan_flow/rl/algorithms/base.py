@@ -159,19 +159,25 @@ class OnlineAlgorithm:
 
     def check_rollouts(self, batches: list[RolloutBatch]) -> None:
         """Non-finite latents, log-probs of the SDE steps (ODE steps have none) and scores of each reward function."""
+
+        def bad_steps(log_probs: torch.Tensor, steps: list[int]) -> str:
+            return f"at denoising steps {[steps[j] for j in (~torch.isfinite(log_probs)).any(0).nonzero().flatten()]}"
+
+        def bad_prompts(scores: torch.Tensor, prompts: list[str]) -> str:
+            return "prompts: " + "; ".join(repr(p) for p, ok in zip(prompts, torch.isfinite(scores).tolist()) if not ok)
+
         for r, b in enumerate(batches):
             traj = b.trajectory
             self.guard.check(f"rollout latents (round {r})", traj.latents)
             sde_steps = [j for j, level in enumerate(traj.noise_levels) if level > 0]
             if sde_steps:
                 log_probs = traj.log_probs[:, sde_steps]
-                self.guard.check(f"rollout log-probs (round {r})", log_probs, lambda lp=log_probs, s=sde_steps: (
-                    f"at denoising steps {[s[j] for j in (~torch.isfinite(lp)).any(0).nonzero().flatten().tolist()]}"))
+                self.guard.check(f"rollout log-probs (round {r})", log_probs,
+                                 lambda lp=log_probs, steps=sde_steps: bad_steps(lp, steps))
             for key, scores in b.rewards.items():
-                if key == "avg":  # the weighted sum: a function that failed is named on its own
-                    continue
-                self.guard.check(f"reward {key!r} (round {r})", scores, lambda s=scores, p=b.prompts: "prompts: " + "; ".join(
-                    repr(prompt) for prompt, ok in zip(p, torch.isfinite(s).tolist()) if not ok))
+                if key != "avg":  # the weighted sum: a function that failed is named on its own
+                    self.guard.check(f"reward {key!r} (round {r})", scores,
+                                     lambda sc=scores, prompts=b.prompts: bad_prompts(sc, prompts))
 
     def assign_advantages(self, batches: list[RolloutBatch]) -> dict[str, float]:
         """Gather every rank's rewards and prompts, form per-group advantages, keep this rank's slice."""
