@@ -50,7 +50,7 @@ def test_encoder_counts():
     by_name = {f.name: count(f) for f in FAMILIES}
     clip_l, clip_g, t5, vae = 123_650_304, 694_659_840, 4_762_310_656, 83_819_683
     assert by_name["SD3.5-Medium"].encoders == clip_l + clip_g + t5 and by_name["SD3.5-Medium"].vae == vae
-    assert by_name["FLUX.1-dev"].encoders == clip_l + t5
+    assert by_name["FLUX.1-dev"].encoders == clip_l - 768 * 768 + t5  # CLIPTextModel: no text projection
     assert by_name["Qwen-Image"].encoders == 8_292_166_656  # Qwen2.5-VL-7B-Instruct
     assert by_name["Bagel-7B-MoT"].encoders == 0  # its own LLM encodes the prompt
     for wan in ("Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B"):  # UMT5-XXL's encoder and the Wan VAE (notes 4.4, 4.5)

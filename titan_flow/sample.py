@@ -2,6 +2,8 @@
 
     python -m titan_flow.sample --pretrained_path /models/sd3.5-medium --prompt "a red cube" --out samples/
     python -m titan_flow.sample --run outputs/debug [--step 20] [--raw] --prompt_file prompts.txt --out samples/
+    python -m titan_flow.sample --model flux --pretrained_path /models/FLUX.1-Kontext-dev --image cat.png \
+        --prompt "Change the number of cats in the image to two." --out samples/
     python -m titan_flow.sample --model wan --pretrained_path /models/Wan2.1-T2V-1.3B-Diffusers \
         --prompt 'a neon sign that says "titan"' --resolution 240 --width 416 --num_frames 33 --reward video_ocr
 
@@ -13,7 +15,9 @@ With --run, the run's config.json rebuilds the same model and pipeline, and the 
 its newest complete DCP checkpoint (EMA weights when the run kept an EMA, unless --raw); the sampler
 defaults to the run's eval settings. With --pretrained_path it defaults to the family's published
 pipeline (for SD3: the directory's native resolution, 28 steps, CFG 7.0, 256 T5 tokens), so the PNGs
-are the ones diffusers' pipeline makes from the same seed.
+are the ones diffusers' pipeline makes from the same seed. Edit models (FLUX.1-Kontext) take `--image`, one
+source image for every prompt or one per prompt, and also write each result beside its source
+(`*_source_edited.png`).
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from PIL import Image
 
 from titan_flow.checkpoint.manager import load_model_weights
 from titan_flow.config import build_job_config
+from titan_flow.data.prompts import load_image
 from titan_flow.distributed.utils import destroy_distributed, init_distributed
 from titan_flow.export import run_config
 from titan_flow.metrics import VIDEO_FORMATS, write_video
 from titan_flow.models import get_model_spec
 from titan_flow.rewards import MultiReward
 from titan_flow.rewards.registry import to_uint8
+from titan_flow.rl.metrics import beside_sources
 from titan_flow.rl.rollout import generate_images, step_noise_levels
 from titan_flow.train import build_model, build_policy
 
@@ -65,6 +71,11 @@ def parse_args(argv):
                    help="comma-separated rewards to score the samples with (e.g. video_ocr), written to samples.jsonl; "
                         "model paths, options and server URLs come from the run's [reward] section")
     p.add_argument("--max_sequence_length", type=int, help="text tokens (default: the run's, or the pipeline's)")
+    p.add_argument("--image", action="append", default=[],
+                   help="edit models: a source image, for every prompt or (repeated) one per prompt")
+    p.add_argument("--condition_size", choices=["resolution", "native", "preferred"],
+                   help="edit models: how the source is resized (model.condition_size; default: the run's, or with "
+                   "--pretrained_path the pipeline's own: preferred)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p.parse_args(argv)
@@ -82,6 +93,20 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def read_images(args, n_prompts: int) -> list | None:
+    """The source images of an edit, one per prompt (float (3, H, W) in [0, 1], as the data loader reads them)."""
+    if not args.image:
+        return None
+    if len(args.image) not in (1, n_prompts):
+        raise SystemExit(f"--image: give one source image for all {n_prompts} prompts or one per prompt, "
+                         f"got {len(args.image)}")
+    missing = [p for p in args.image if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"--image: {missing[0]} does not exist")
+    images = [load_image(Path(p)) for p in args.image]
+    return images * n_prompts if len(images) == 1 else images
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"
 
@@ -89,6 +114,7 @@ def slug(text: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     prompts = read_prompts(args)
+    sources = read_images(args, len(prompts))
     if args.run:
         cfg = run_config(Path(args.run), args.device)
     else:
@@ -99,7 +125,9 @@ def main(argv=None) -> int:
     for value, section, key in ((args.resolution, cfg.model, "resolution"), (args.width, cfg.model, "width"),
                                 (args.num_frames, cfg.model, "num_frames"),
                                 (args.max_sequence_length, cfg.model, "max_sequence_length"),
-                                (args.steps, cfg.eval, "num_steps"), (args.guidance, cfg.eval, "guidance_scale")):
+                                (args.steps, cfg.eval, "num_steps"), (args.guidance, cfg.eval, "guidance_scale"),
+                                (args.condition_size or (None if args.run else "preferred"), cfg.model,
+                                 "condition_size")):
         if value is not None:
             setattr(section, key, value)
     dims = init_distributed(cfg)
@@ -126,18 +154,25 @@ def main(argv=None) -> int:
         manifest = []
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
+            batch_sources = sources[start : start + args.batch_size] if sources is not None else None
             images = generate_images(policy, model, batch, generator, sigmas, levels, args.sde_type, cfg.eval.guidance_scale,
-                                     generator)
+                                     generator, images=batch_sources)
             rewards = reward_fn(images, batch, only_strict=False) if reward_fn else {}
-            for i, (prompt, pixels) in enumerate(zip(batch, to_uint8(images))):
+            pairs = to_uint8(beside_sources(batch_sources, images)) if batch_sources is not None else [None] * len(batch)
+            for i, (prompt, pixels, pair) in enumerate(zip(batch, to_uint8(images), pairs)):
                 path = out / f"{start + i:04d}_{slug(prompt)}"
                 if pixels.ndim == 4:  # a video: (F, H, W, 3)
                     path = write_video(path, pixels, args.fps, args.video_format)
                 else:
                     path = path.with_suffix(".png")
                     Image.fromarray(pixels).save(path)
+                entry = {"file": path.name, "prompt": prompt, "seed": args.seed}
+                if pair is not None:  # source | edited
+                    pair_path = path.with_name(path.stem + "_source_edited.png")
+                    Image.fromarray(pair).save(pair_path)
+                    entry["source_edited"] = pair_path.name
                 scores = {k: v[i].item() for k, v in rewards.items() if k != "avg"}
-                manifest.append({"file": path.name, "prompt": prompt, "seed": args.seed, "reward": scores})
+                manifest.append({**entry, "reward": scores})
                 print(path, *(f"{k} {v:.4f}" for k, v in scores.items()))
         if reward_fn is not None:
             reward_fn.close()

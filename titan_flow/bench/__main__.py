@@ -3,12 +3,15 @@
     python -m titan_flow.bench [--warmup 1] [--epochs 3] [--job.config_file X.toml --section.key value ...]
     torchrun --nproc-per-node 8 -m titan_flow.bench --job.config_file train_configs/sd3_pickscore.toml
     python -m titan_flow.bench --backbone wan      # our backbone vs diffusers': fwd+bwd time, peak memory
+    python -m titan_flow.bench --backbone flux
 
 Runs the real trainer for warmup + measured epochs (no checkpoints, no eval, no TensorBoard) and
 prints, for every rank, its peak memory (CUDA: allocated and reserved by the caching allocator;
 CPU: the process's peak resident set) and, from rank 0, the rollout and end-to-end images/s per
 rank over the measured epochs (the trainer's own perf/ timings, in metrics.jsonl). The memory the
 parameters and optimizer state need by construction is printed by `python -m titan_flow.bench.memory`.
+`--backbone NAME` instead compares our backbone with diffusers' at one small config, side by side:
+forward + backward time and peak memory (titan_flow/bench/backbone.py).
 """
 
 from __future__ import annotations

@@ -63,6 +63,12 @@ class Model:
         "(Wan: 81) with model.pretrained_path, the debug job's value for a random-init flavor",
     )
     max_sequence_length: int | None = doc(None, "T5/LLM text tokens (the reference uses 128 for SD3 training)" + AUTO)
+    condition_size: str = choices(
+        "resolution", "resolution", "native", "preferred",
+        help="FLUX.1-Kontext editing: the size the source image is resized to before it becomes condition tokens: "
+        "resolution = model.resolution square (the reference's rule), native = its own size floored to 16 px, "
+        "preferred = FLUX.1-Kontext's ~1 MP size closest to its aspect ratio (diffusers' default)",
+    )
     attention_backend: str = choices(
         "auto", "auto", "flash", "flex", "sdpa",
         help="packed-sequence attention (Bagel): flash = flash-attn varlen (CUDA, bf16/fp16, the [gpu] extra), flex = "
@@ -266,7 +272,11 @@ class Reward:
 
 @dataclass
 class Data:
-    path: str = doc("", "dataset folder (with train.txt/test.txt or *_metadata.jsonl); empty = built-in debug prompts")
+    path: str = doc(
+        "",
+        "dataset folder (with train.txt/test.txt or *_metadata.jsonl); empty = built-in debug prompts; "
+        "builtin:counting_edit = a built-in counting-edit set with drawn source images (debug jobs of edit models)",
+    )
     format: str = choices("auto", "auto", "text", "geneval", help="auto = jsonl -> geneval, txt -> text")
     train_split: str = doc("train", "split used for training")
     image_key: str = doc(

@@ -22,6 +22,10 @@ one per prompt: float (3, H, W) tensors in [0, 1] at each file's own size (what 
 yields) or PIL images; the family resizes them as its published pipeline does. Text-to-image
 families raise when given images.
 
+A pipeline whose `guidance_distilled` attribute is true (FLUX.1-dev) takes `guidance_scale` as an
+input of the network (a distilled guidance embedding) rather than as CFG: code that runs the model
+"without CFG" (DPO/SFT losses) then passes the sampling guidance scale instead of 1.
+
 Generation settings whose right value depends on the weights (resolution, text length, steps,
 guidance, learning rate) are "auto" in the job config until `config_defaults` fills them: the
 published pipeline's defaults for a pretrained directory, the debug job's values for a random flavor.
@@ -42,7 +46,7 @@ import torch
 import torch.nn as nn
 
 FAMILIES = ("sd3", "flux", "qwen_image", "bagel", "wan")
-PORTED = ("sd3", "bagel", "wan")
+PORTED = ("sd3", "flux", "bagel", "wan")
 
 
 def square(cfg) -> int:

@@ -147,7 +147,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def as_float_images(images: Any) -> list[torch.Tensor]:
-    """Tensor (B, C, H, W) in [0, 1], or a list of PIL images / uint8 HWC arrays -> list of float CHW.
+    """Tensor (B, C, H, W) in [0, 1], or a list of PIL images / uint8 HWC arrays / float (C, H, W) tensors in
+    [0, 1] (what the data loader hands over) -> list of float CHW.
 
     A list is returned because the reference images of edit tasks may differ in size.
     """
@@ -155,9 +156,14 @@ def as_float_images(images: Any) -> list[torch.Tensor]:
         return list(images.detach().float().cpu())
     out = []
     for im in images:
+        if isinstance(im, torch.Tensor) and im.ndim == 3 and im.is_floating_point():
+            out.append(im.detach().float().cpu())
+            continue
         a = np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im)
         if a.dtype != np.uint8 or a.ndim != 3:
-            raise ValueError(f"reference images must be PIL images or uint8 HWC arrays; got {a.dtype} {a.shape}")
+            raise ValueError(
+                f"reference images must be PIL images, uint8 HWC arrays or float CHW tensors; got {a.dtype} {a.shape}"
+            )
         out.append(torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255.0)
     return out
 

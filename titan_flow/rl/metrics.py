@@ -14,6 +14,21 @@ import torch.nn.functional as F
 from kernels import ClippedLoss
 
 
+def beside_sources(sources: list[torch.Tensor] | None, images: torch.Tensor) -> torch.Tensor:
+    """Edits: each result with its source image on the left, (B, 3, H, 2W); without sources, the images.
+
+    A source (3, h, w) in [0, 1] of any size is resized (bilinear, antialiased) to the result's H x W.
+    """
+    if sources is None:
+        return images
+    if len(sources) != len(images):
+        raise ValueError(f"beside_sources: {len(sources)} source images for {len(images)} results")
+    height, width = images.shape[-2:]
+    resized = [F.interpolate(s[None].float().cpu(), size=(height, width), mode="bilinear", antialias=True,
+                             align_corners=False)[0].clamp(0, 1) for s in sources]
+    return torch.cat([torch.stack(resized), images.float().cpu()], dim=-1)
+
+
 def first_images(batches: list[torch.Tensor], limit: int) -> torch.Tensor:
     """The first `limit` images of several (B, 3, H, W) batches as one tensor, for the logged grid.
 

@@ -42,6 +42,8 @@ from titan_flow.models.bagel.model import (
     unpatchify_latents,
 )
 from titan_flow.models.bagel.state_dict_adapter import SPECIAL_TOKENS
+from titan_flow.models.common import tiny
+from titan_flow.models.common.images import to_pil_image
 from titan_flow.models.common.attention import ATTENTION_BACKENDS
 from titan_flow.models.common.schedules import shifted_linear_sigmas
 from titan_flow.models.registry import pipeline_defaults
@@ -157,24 +159,9 @@ def byte_level_tokenizer():
 
 def tiny_flux_vae(latent_channels: int, seed: int = 0):
     """A random FLUX-architecture VAE (8x downsampling, 32 channels per level) for the debug flavor."""
-    from diffusers import AutoencoderKL
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 32, 32),
-            layers_per_block=1,
-            norm_num_groups=VAE_NORM_GROUPS,
-            latent_channels=latent_channels,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            scaling_factor=VAE_SCALING_FACTOR,
-            shift_factor=VAE_SHIFT_FACTOR,
-        )
+    vae = tiny.with_seed(seed, lambda: tiny.autoencoder(
+        latent_channels, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR, block_out_channels=(32,) * 4,
+        norm_num_groups=VAE_NORM_GROUPS))
     return vae.eval().requires_grad_(False)
 
 
@@ -197,15 +184,6 @@ def bagel_resize(height: int, width: int, max_side: int, min_side: int, stride: 
     if max(w, h) > max_side:
         w, h = scaled(w, h, max_side / max(w, h))
     return h, w
-
-
-def _to_pil(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
-        array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(array)
-    raise TypeError(f"conditioning images must be PIL images or (3, H, W) tensors in [0, 1], got {type(image).__name__}")
 
 
 def _pixels(image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -388,7 +366,7 @@ class BagelPipeline:
         """Source images resized as Bagel's VAE transform does (aspect ratio kept; see the module docstring)."""
         out = []
         for image in images:
-            pil = _to_pil(image)
+            pil = to_pil_image(image)
             height, width = bagel_resize(pil.height, pil.width, self.resolution, self.resolution // 2, self.downsample)
             out.append(pil.resize((width, height), Image.BICUBIC))
         return out

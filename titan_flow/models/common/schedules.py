@@ -3,8 +3,7 @@
 Every function returns T denoising steps as T+1 sigmas ending in an exact 0. The SD3 schedule is
 computed the way diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps` computes it, so the
 sigmas (and the timesteps 1000*sigma the SD3 backbone sees) are bitwise those of the published
-pipelines; the dynamic (FLUX / Qwen-Image) schedules are computed in float64 and agree with diffusers
-to float32 rounding.
+pipelines; so are the dynamic (FLUX / Qwen-Image) schedules, which the scheduler shifts in float32.
 """
 
 from __future__ import annotations
@@ -82,15 +81,16 @@ def flux_mu(
 def dynamic_shift_sigmas(num_steps: int, mu: float, shift_terminal: float | None = None) -> torch.Tensor:
     """FLUX / Qwen-Image: linspace(1, 1/T, T) then the exponential time shift with exponent mu.
 
-    Matches their pipelines (which pass these sigmas and mu to a `use_dynamic_shifting` scheduler)
-    to float32 rounding; Qwen-Image additionally stretches to `shift_terminal`.
+    Bitwise what their pipelines get from a `use_dynamic_shifting` scheduler given these sigmas and
+    mu: the grid is rounded to float32 and shifted (and for Qwen-Image stretched to `shift_terminal`)
+    in float32, in the scheduler's order of operations.
     """
     _check_num_steps(num_steps)
-    grid = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    grid = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
     sigmas = _shift_exponential(grid, mu)
     if shift_terminal is not None:
         sigmas = _stretch_to_terminal(sigmas, shift_terminal)
-    return _with_terminal_zero(sigmas)
+    return _with_terminal_zero(torch.from_numpy(sigmas))
 
 
 def shifted_linear_sigmas(num_steps: int, shift: float) -> torch.Tensor:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -119,6 +120,38 @@ def to_original_keys(state_dict: Mapping[str, torch.Tensor], rules: list[KeyRule
         out[prefix + rule.original] = t
     _raise_on_leftovers(source, missing, sorted(set(state_dict) - {k for r in rules for k in r.ours}))
     return out
+
+
+# --- diffusers configs and models ----------------------------------------------------------------------
+
+
+def diffusers_config_kwargs(args_cls: type, config: dict, class_name: str, family: str) -> dict:
+    """The fields of `args_cls` in a diffusers transformer config.json dict; metadata keys (leading `_`)
+    are ignored. An unknown non-metadata key raises: it would be an architecture option the port does
+    not implement, and silently dropping it could build a different network."""
+    found = config.get("_class_name", class_name)
+    if found != class_name:
+        raise ValueError(f"{family} config: _class_name is {found!r}, expected {class_name!r}")
+    names = {f.name for f in fields(args_cls)}
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in names)
+    if unknown:
+        raise ValueError(f"{family} config: unsupported keys {unknown}; this port implements only {sorted(names)}")
+    return {k: v for k, v in config.items() if k in names}
+
+
+def build_loaded(model_cls: type, args, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str) -> nn.Module:
+    """`model_cls(args)` holding `state_dict`, built on meta so no memory goes to a throwaway init."""
+    with torch.device("meta"):
+        model = model_cls(args)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype)
+
+
+def state_dict_of(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    if isinstance(model_or_state_dict, nn.Module):
+        return model_or_state_dict.state_dict()
+    return model_or_state_dict
 
 
 # --- files -----------------------------------------------------------------------------------------

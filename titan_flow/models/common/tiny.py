@@ -25,11 +25,16 @@ TINY_WORDS = (
 ).split()
 
 
-def seeded(seed: int, offset: int, build: Callable[[], T]) -> T:
-    """`build()` under torch seed `seed * 1000 + offset`, leaving the global RNG as it was."""
+def with_seed(torch_seed: int, build: Callable[[], T]) -> T:
+    """`build()` under torch seed `torch_seed`, leaving the global RNG as it was."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1000 + offset)
+        torch.manual_seed(torch_seed)
         return build()
+
+
+def seeded(seed: int, offset: int, build: Callable[[], T]) -> T:
+    """Component number `offset` of a pipeline seeded with `seed`: built under torch seed seed * 1000 + offset."""
+    return with_seed(seed * 1000 + offset, build)
 
 
 def write_clip_tokenizer(out_dir: Path) -> None:
@@ -124,8 +129,9 @@ def t5_encoder(tokenizer, width: int):
     )
 
 
-def autoencoder(latent_channels: int, scaling_factor: float, shift_factor: float, sample_size: int):
-    """A 4-level AutoencoderKL (8x downsampling, 8-16 channels) with the family's latent constants."""
+def autoencoder(latent_channels: int, scaling_factor: float, shift_factor: float, sample_size: int = 32,
+                block_out_channels: tuple[int, ...] = (8, 8, 16, 16), norm_num_groups: int = 4):
+    """A 4-level AutoencoderKL (8x downsampling, by default 8-16 channels) with the family's latent constants."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -133,9 +139,9 @@ def autoencoder(latent_channels: int, scaling_factor: float, shift_factor: float
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplings: 8x
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
-        norm_num_groups=4,
+        norm_num_groups=norm_num_groups,
         latent_channels=latent_channels,
         sample_size=sample_size,
         scaling_factor=scaling_factor,

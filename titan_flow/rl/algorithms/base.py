@@ -26,7 +26,7 @@ from titan_flow.rewards import masked_mean
 from titan_flow.rl.advantage import compute_advantages
 from titan_flow.rl.algorithms.reference import FrozenPolicies
 from titan_flow.rl.guard import NonFiniteGuard
-from titan_flow.rl.metrics import StepStats, first_images
+from titan_flow.rl.metrics import StepStats, beside_sources, first_images
 from titan_flow.rl.rollout import (
     Trajectory,
     draw_sde_window,
@@ -300,7 +300,7 @@ class OnlineAlgorithm:
         prompts = [p for b in batches for p in b.prompts][:n_img]
         return EpochResult(
             scalars,
-            first_images([b.images for b in batches], n_img).float().cpu(),
+            first_images([beside_sources(b.source_images, b.images) for b in batches], n_img).float().cpu(),
             [f"{p} | {r:.3f}" for p, r in zip(prompts, avg.tolist())],
             self.summary(scalars),
         )
