@@ -210,25 +210,49 @@ def test_kill_mid_save_resumes_from_last_complete(crashed):
     assert complete_steps(crashed_dir / "checkpoint") == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("nproc", [1, pytest.param(4, marks=pytest.mark.slow)])
-def test_reshard_from_world_size_2(straight, runs, nproc):
-    """A world-size-2 checkpoint loads at world size 1 (and 4): the state after loading, saved again at
-    the new size, equals what was saved, and training goes on from there."""
-    run = f"resumed_ws{nproc}"
+def resume_and_resave(runs: Path, source: Path, step: int, run: str, nproc: int) -> tuple[Path, str]:
+    """Step `step` of `source` copied into a fresh run, resumed at world size `nproc` for one epoch; the
+    state right after loading is saved again at that size. Returns (the DCP folder of that resave, output)."""
     folder = runs / run / "checkpoint"
     folder.mkdir(parents=True)
-    shutil.copytree(step_dir(straight / "checkpoint", 2), step_dir(folder, 2))
+    shutil.copytree(step_dir(source, step), step_dir(folder, step))
     script = runs / "resave_after_load.py"
     script.write_text(RESAVE_SCRIPT)
-    resaved = runs / f"resaved_ws{nproc}"
-    args = [*run_args(runs, run, "--checkpoint.interval", "1"), "--training.steps", "3"]
+    resaved = runs / f"resaved_{run}"
+    args = [*run_args(runs, run, "--checkpoint.interval", "1"), "--training.steps", str(step + 1)]
     out = check(torchrun(nproc, args, str(script), env={"RESAVE_DIR": str(resaved)}))
-    assert f"resumed from {step_dir(folder, 2)}" in out
-    assert_same_state(flat_checkpoint(step_dir(straight / "checkpoint", 2), runs), flat_checkpoint(resaved, runs))
+    assert f"resumed from {step_dir(folder, step)}" in out
     train_records = [r for r in read_metrics(runs / run) if record_id(r)[1] == "train"]
-    assert [r["step"] for r in train_records] == [2]
-    assert math.isfinite(train_records[0]["loss/total"]) and train_records[0]["optim/global_step"] == 3
-    assert complete_steps(folder) == [2, 3]
+    assert [r["step"] for r in train_records] == [step]
+    assert math.isfinite(train_records[0]["loss/total"]) and train_records[0]["optim/global_step"] == step + 1
+    assert complete_steps(folder) == [step, step + 1]
+    return resaved, out
+
+
+@pytest.fixture(scope="module")
+def resumed_ws1(straight, runs):
+    """Step 2 of the world-size-2 run resumed in one process (no FSDP2 there: distributed/parallelize.py
+    fsdp_is_a_no_op), which writes step 3 with plain tensors."""
+    return resume_and_resave(runs, straight / "checkpoint", 2, "resumed_ws1", 1)[0]
+
+
+def test_reshard_from_world_size_2(straight, runs, resumed_ws1):
+    """A world-size-2 checkpoint (FSDP2 shards) loads at world size 1 (a plain module): the state after
+    loading, saved again at the new size, equals what was saved, and training goes on from there."""
+    assert_same_state(flat_checkpoint(step_dir(straight / "checkpoint", 2), runs), flat_checkpoint(resumed_ws1, runs))
+
+
+def test_reshard_from_world_size_1(runs, resumed_ws1):
+    """And back: the step a single process wrote (plain tensors) loads into FSDP2's shards at world size 2."""
+    written_ws1 = step_dir(runs / "resumed_ws1" / "checkpoint", 3)
+    resaved, _ = resume_and_resave(runs, runs / "resumed_ws1" / "checkpoint", 3, "resumed_ws2_from_ws1", 2)
+    assert_same_state(flat_checkpoint(written_ws1, runs), flat_checkpoint(resaved, runs))
+
+
+@pytest.mark.slow
+def test_reshard_from_world_size_2_to_4(straight, runs):
+    resaved, _ = resume_and_resave(runs, straight / "checkpoint", 2, "resumed_ws4", 4)
+    assert_same_state(flat_checkpoint(step_dir(straight / "checkpoint", 2), runs), flat_checkpoint(resaved, runs))
 
 
 # --------------------------------------------------------------------------- the manager in-process

@@ -26,9 +26,12 @@ LR = 1e-3
 # Updated weights agree to 1% of one AdamW step. Adam divides by |g| + eps, so near-zero gradient
 # entries turn 1e-11 gradient rounding into ~1e-6 weight differences; a real error moves ~lr.
 STEP_TOL = 0.01 * LR
+FP32_UNIT_ROUNDOFF = 2.0**-24
 # Variants with this suffix scale rank 1's loss by 0 before backward: its gradient contribution is dropped,
 # the sharding bug the bf16 tolerance must still catch.
 DROP_RANK1 = "_drop_rank1"
+# Variants with this suffix are wrapped by FSDP2 even at world size 1, where the trainer leaves it out.
+FORCE_FSDP = "_fsdp2"
 
 SCRIPT = r"""
 import json, sys
@@ -88,7 +91,13 @@ results = {"uneven_shards_ok": uneven_ok, "frozen": frozen, "sharded_encoders": 
 for name, overrides in variants.items():
     cfg = build_job_config(BASE + overrides)
     torch.manual_seed(0)
+    import titan_flow.distributed.parallelize as parallelize
+    no_op = parallelize.fsdp_is_a_no_op
+    if name.endswith("%(force)s"):  # FSDP2 even where the trainer leaves it out, to compare with the plain module
+        parallelize.fsdp_is_a_no_op = lambda dims, cfg: False
     model = build_model(cfg, dims, trainable=True)
+    parallelize.fsdp_is_a_no_op = no_op
+    results.setdefault("is_fsdp", {})[name] = isinstance(model, FSDPModule)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=%(lr)g, weight_decay=1e-4)
     model.eval()
@@ -120,14 +129,15 @@ for name, overrides in variants.items():
 if dims.rank == 0:
     torch.save(results, out_file)
 destroy_distributed()
-""" % {"batch": GLOBAL_BATCH, "lr": LR, "drop": DROP_RANK1}
+""" % {"batch": GLOBAL_BATCH, "lr": LR, "drop": DROP_RANK1, "force": FORCE_FSDP}
 
 AC_FULL = ["--activation_checkpoint.mode", "full"]
 AC_SELECTIVE = ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_every_n_blocks", "2"]
 BF16 = ["--model.compute_dtype", "bfloat16"]
 HSDP = ["--parallelism.data_parallel_replicate_degree", "2"]
 VARIANTS = {
-    1: {"base": [], "ac_full": AC_FULL, "ac_selective": AC_SELECTIVE, "bf16": BF16},
+    1: {"base": [], "ac_full": AC_FULL, "ac_selective": AC_SELECTIVE, "bf16": BF16, "base" + FORCE_FSDP: [],
+        "ac_full" + FORCE_FSDP: AC_FULL},
     2: {"base": [], "ac_full": AC_FULL, "ac_selective": AC_SELECTIVE, "bf16": BF16, "hsdp_2x1": HSDP,
         "bf16_reduce": [*BF16, "--parallelism.mixed_precision_reduce", "bfloat16"], "bf16" + DROP_RANK1: BF16},
     4: {"base": [], "ac_full": AC_FULL, "hsdp_2x2": HSDP},
@@ -318,8 +328,46 @@ def test_meta_build_with_sharded_load_is_bitwise(request, model, world, variant)
 def test_replicated_reference_equals_sharded(request, model, world):
     results = results_of(request, model)
     (sharded, v_shard), (replicated_is_fsdp, v_rep) = (results[world]["frozen"][p] for p in ("shard", "replicate"))
-    assert sharded and not replicated_is_fsdp
+    # One process without mixed precision has nothing to shard: the model stays a plain module there.
+    assert sharded == (world > 1) and not replicated_is_fsdp
     assert torch.equal(v_shard, v_rep)
+
+
+@pytest.mark.parametrize("variant", ["base", "ac_full"])
+def test_one_process_without_fsdp_trains_like_fsdp(results, variant):
+    """At world size 1 in fp32 the trainer leaves FSDP2 out (fsdp_is_a_no_op); at world size 2 it stays.
+
+    The plain module computes the same forward (loss bit for bit) and every block's gradient bit for bit.
+    Only the gradients of the root's conditioning embedders may differ: their input (the timestep and
+    pooled-text embedding) feeds every block, and FSDP2's backward hooks change the order in which
+    autograd sums those contributions, an fp32 reordering whose error the rounding bound covers.
+    """
+    flags = results[1]["is_fsdp"]
+    assert flags[variant] is False and flags[variant + FORCE_FSDP] is True
+    assert all(results[2]["is_fsdp"].values())
+    plain, fsdp = results[1][variant], results[1][variant + FORCE_FSDP]
+    assert plain["loss"] == fsdp["loss"]
+    differ = {k for k in plain["grads"] if not torch.equal(plain["grads"][k], fsdp["grads"][k])}
+    assert all(k.startswith("time_text_embed.") for k in differ), sorted(differ)
+    from titan_flow.models import get_model_spec
+
+    bound = rounding_bound(2 * chain_length(get_model_spec("sd3").build("debug")), FP32_UNIT_ROUNDOFF)
+    assert_equivalent(plain, fsdp, 0.0, bound, STEP_TOL, f"{variant}: no FSDP2 vs FSDP2 at world size 1")
+
+
+def test_fsdp_is_left_out_only_where_it_changes_nothing():
+    from titan_flow.config import build_job_config
+    from titan_flow.distributed.parallelize import fsdp_is_a_no_op
+    from titan_flow.distributed.utils import ParallelDims
+
+    def no_op(world: int, *overrides: str) -> bool:
+        dims = ParallelDims(world, 0, 0, 1, world, torch.device("cpu"), mesh=None)
+        return fsdp_is_a_no_op(dims, build_job_config(list(overrides)))
+
+    assert no_op(1) and not no_op(2)
+    assert no_op(1, "--model.dtype", "bfloat16", "--model.compute_dtype", "bfloat16")  # fp32 reduce of bf16: exact
+    assert not no_op(1, "--model.compute_dtype", "bfloat16")  # FSDP2 casts the fp32 weights for the forward
+    assert not no_op(1, "--parallelism.mixed_precision_reduce", "bfloat16")  # rounds the fp32 gradients
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -58,7 +58,8 @@ def build_policy(cfg: JobConfig, device: torch.device):
 
 
 def build_model(cfg: JobConfig, dims: ParallelDims, trainable: bool, load_weights: bool = True) -> torch.nn.Module:
-    """The backbone, sharded with FSDP2: pretrained weights, or a random init identical on every rank.
+    """The backbone, sharded with FSDP2 (left out where it would shard and cast nothing: fsdp_is_a_no_op):
+    pretrained weights, or a random init identical on every rank.
 
     Pretrained weights: the model (LoRA adapters included) is built and sharded on the meta device,
     then each rank reads only its shards of the weights and of the adapters' initial values. With

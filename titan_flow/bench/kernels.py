@@ -10,16 +10,22 @@ written once (the backward re-reads v, x, x_next and writes d/dv). The copy band
 (dst.copy_(src) over 1 GiB) is measured first; the targets are >= 80% of it and >= 2x eager.
 
 Without a GPU it says so, prints the bytes-moved floors and runs a small correctness check of the Triton
-kernels in Triton's interpreter against the references, and exits 0.
+kernels in Triton's interpreter against the references, and exits 0. `run()` returns the rows as data
+and `format_tables()` prints them: the GPU suite (`python -m titan_flow.bench.gpu`) calls both, and its
+dry run calls them with `toy=True` (tiny latents, perf_counter timing, the interpreter on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
+import statistics
 import sys
+import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -36,16 +42,21 @@ class SdeCase:
     latent_dtype: torch.dtype  # x, x_next, mean_old as stored by the rollout
     extras: bool  # KL to a reference velocity and GRPO-Guard's ratio bias in the same pass
     backward: bool  # forward + backward (d/dv), the training call
+    latent: tuple[int, ...] | None = None  # one sample's latent; None = LATENTS[model] (set: a dry run's toy size)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.latent or LATENTS[self.model]
 
     @property
     def elements(self) -> int:
-        c, h, w = LATENTS[self.model]
-        return self.batch * c * h * w
+        return self.batch * math.prod(self.shape)
 
     def label(self) -> str:
         dtypes = "bf16" if self.latent_dtype == torch.bfloat16 else "v bf16, x fp32"
         what = ("lp+kl+bias" if self.extras else "lp") + (" fwd+bwd" if self.backward else " fwd")
-        return f"{self.model} B={self.batch} {dtypes} {what}"
+        model = self.model if self.latent is None else "toy " + "x".join(map(str, self.latent))
+        return f"{model} B={self.batch} {dtypes} {what}"
 
     def bytes_floor(self) -> int:
         v, lat, n, b = _size(self.v_dtype), _size(self.latent_dtype), self.elements, self.batch
@@ -70,7 +81,11 @@ def _size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def sde_cases() -> list[SdeCase]:
+def sde_cases(toy: bool = False) -> list[SdeCase]:
+    """Every benchmark case; `toy`: both dtype layouts, the lightest and the heaviest pass, on 2 x 4x8x8 latents."""
+    if toy:
+        return [SdeCase("sd3.5-m", 2, torch.bfloat16, latent_dtype, extras, extras, latent=(4, 8, 8))
+                for latent_dtype in (torch.float32, torch.bfloat16) for extras in (False, True)]
     return [
         SdeCase(model, batch, torch.bfloat16, latent_dtype, extras, backward)
         for model in LATENTS
@@ -80,8 +95,8 @@ def sde_cases() -> list[SdeCase]:
     ]
 
 
-def sde_inputs(case: SdeCase, device: str, generator: torch.Generator | None = None, latent=None) -> dict:
-    b, shape = case.batch, (case.batch, *(latent or LATENTS[case.model]))
+def sde_inputs(case: SdeCase, device: str, generator: torch.Generator | None = None) -> dict:
+    b, shape = case.batch, (case.batch, *case.shape)
 
     def rand(dtype, *s):
         return torch.randn(*s, generator=generator, device=device).to(dtype)
@@ -130,7 +145,9 @@ class LossCase:
         return total
 
 
-def loss_cases() -> list[LossCase]:
+def loss_cases(toy: bool = False) -> list[LossCase]:
+    if toy:
+        return [LossCase(8, False, False), LossCase(8, True, True)]
     return [LossCase(b, rn, bwd) for b in LOSS_BATCHES for rn in (False, True) for bwd in (False, True)]
 
 
@@ -147,61 +164,104 @@ def loss_runner(case: LossCase, op, device: str, generator: torch.Generator | No
     return step
 
 
-def copy_bandwidth(device: str) -> float:
-    """GB/s of dst.copy_(src) over 1 GiB: the practical ceiling for a streaming kernel on this device."""
+def gpu_timer(fn) -> float:
+    """Median microseconds of fn() on CUDA (triton.testing.do_bench: warm-up, L2 flushed between runs)."""
     from triton.testing import do_bench
 
-    src = torch.empty(1 << 28, dtype=torch.float32, device=device).normal_()
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def cpu_timer(fn, repeats: int = 3) -> float:
+    """Median microseconds of fn() after one warm-up call (the dry run's stand-in for do_bench)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, timer=gpu_timer, elements: int = 1 << 28) -> float:
+    """GB/s of dst.copy_(src) (1 GiB of fp32 by default): the practical ceiling for a streaming kernel here."""
+    src = torch.empty(elements, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * src.numel() * 4 / ms / 1e6
+    return 2 * src.numel() * 4 / timer(lambda: dst.copy_(src)) / 1e3
 
 
-def bench_gpu(compile_reference: bool, device: str = "cuda") -> None:
-    from functools import partial
-
-    from triton.testing import do_bench
-
+def implementations(compile_backend: str | None) -> tuple[dict, dict]:
+    """{name: op} for the log-prob and the loss: Triton, the eager reference and (with a backend) its torch.compile."""
     import kernels
     from kernels.ratio_loss import clipped_ratio_loss_reference
     from kernels.sde_logprob import sde_log_prob_reference
 
-    torch._dynamo.config.cache_size_limit = 64
-    name = torch.cuda.get_device_name()
-    copy_gbs = copy_bandwidth(device)
-    print(f"{datetime.date.today().isoformat()}  {name}  torch {torch.__version__}  "
-          f"triton {__import__('triton').__version__}")
-    print(f"copy bandwidth (dst.copy_(src), 1 GiB): {copy_gbs:.0f} GB/s\n")
+    sde = {"triton": partial(kernels.sde_log_prob, backend="triton"), "eager": sde_log_prob_reference}
+    loss = {"triton": partial(kernels.clipped_ratio_loss, backend="triton"), "eager": clipped_ratio_loss_reference}
+    if compile_backend:
+        torch._dynamo.config.cache_size_limit = 64
+        sde["compile"] = torch.compile(sde_log_prob_reference, backend=compile_backend)
+        loss["compile"] = torch.compile(clipped_ratio_loss_reference, backend=compile_backend)
+    return sde, loss
 
-    def timed(fn):
-        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
 
-    sde_impls = {"triton": partial(kernels.sde_log_prob, backend="triton"), "eager": sde_log_prob_reference}
-    loss_impls = {"triton": partial(kernels.clipped_ratio_loss, backend="triton"),
-                  "eager": clipped_ratio_loss_reference}
-    if compile_reference:
-        sde_impls["compile"] = torch.compile(sde_log_prob_reference)
-        loss_impls["compile"] = torch.compile(clipped_ratio_loss_reference)
+def bench_rows(cases, impls: dict, make_runner, timer, copy_gbs: float, deadline: float | None = None) -> list[dict]:
+    """One row per case: microseconds per implementation and Triton's GB/s against the bytes-moved floor.
+    Cases not started before `deadline` (time.monotonic) are listed as not reached."""
+    rows = []
+    for case in cases:
+        row = {"case": case.label(), "floor_bytes": case.bytes_floor()}
+        if deadline is not None and time.monotonic() > deadline:
+            rows.append({**row, "not_reached": True})
+            continue
+        us = {name: timer(make_runner(case, impl)) for name, impl in impls.items()}
+        gbs = case.bytes_floor() / us["triton"] / 1e3
+        rows.append({**row, "us": us, "triton_gbs": gbs, "copy_share": gbs / copy_gbs})
+    return rows
 
-    def table(title, cases, impls, make_runner):
-        cols = list(impls)
-        print(f"### {title}\n")
+
+def run(device: str = "cuda", compile_backend: str | None = "inductor", toy: bool = False,
+        deadline: float | None = None) -> dict:
+    """The benchmark as data: copy bandwidth, then the log-prob and loss rows (`toy`: the dry run's cases,
+    timed with perf_counter, for CPU tensors in Triton's interpreter)."""
+    timer = gpu_timer if torch.device(device).type == "cuda" else partial(cpu_timer, repeats=1 if toy else 3)
+    copy_gbs = copy_bandwidth(device, timer, 1 << 16 if toy else 1 << 28)
+    sde_impls, loss_impls = implementations(compile_backend)
+    return {
+        "copy_gbs": copy_gbs,
+        "sde": bench_rows(sde_cases(toy), sde_impls, lambda c, op: sde_runner(c, op, sde_inputs(c, device)), timer,
+                          copy_gbs, deadline),
+        "loss": bench_rows(loss_cases(toy), loss_impls, lambda c, op: loss_runner(c, op, device), timer, copy_gbs,
+                           deadline),
+    }
+
+
+def format_tables(result: dict) -> str:
+    """Markdown tables of `run`'s rows (the layout kernels/README.md shows)."""
+    out = [f"copy bandwidth (dst.copy_(src)): {result['copy_gbs']:.0f} GB/s\n"]
+    for title, key in (("SDE log-prob (kernels.sde_log_prob)", "sde"),
+                       ("Clipped ratio loss (kernels.clipped_ratio_loss)", "loss")):
+        rows = result[key]
+        cols = next((list(r["us"]) for r in rows if "us" in r), ["triton", "eager"])
         head = ["case", "floor"] + [f"{c} us" for c in cols] + ["triton GB/s", "% of copy"]
         head += [f"speedup vs {c}" for c in cols[1:]]
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for case in cases:
-            us = {c: timed(make_runner(case, impl)) for c, impl in impls.items()}
-            gbs = case.bytes_floor() / us["triton"] / 1e3
-            row = [case.label(), _bytes(case.bytes_floor())] + [f"{us[c]:.1f}" for c in cols]
-            row += [f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%"] + [f"{us[c] / us['triton']:.2f}x" for c in cols[1:]]
-            print("| " + " | ".join(row) + " |", flush=True)
-        print()
+        out += [f"### {title}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            if r.get("not_reached"):
+                out.append(f"| {r['case']} | {_bytes(r['floor_bytes'])} | not reached (time limit) |")
+                continue
+            us = r["us"]
+            row = [r["case"], _bytes(r["floor_bytes"])] + [f"{us[c]:.1f}" for c in cols]
+            row += [f"{r['triton_gbs']:.0f}", f"{100 * r['copy_share']:.0f}%"]
+            row += [f"{us[c] / us['triton']:.2f}x" for c in cols[1:]]
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
 
-    table("SDE log-prob (kernels.sde_log_prob)", sde_cases(), sde_impls,
-          lambda case, impl: sde_runner(case, impl, sde_inputs(case, device)))
-    table("Clipped ratio loss (kernels.clipped_ratio_loss)", loss_cases(), loss_impls,
-          lambda case, impl: loss_runner(case, impl, device))
+
+def bench_gpu(compile_reference: bool, device: str = "cuda") -> None:
+    print(f"{datetime.date.today().isoformat()}  {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"triton {__import__('triton').__version__}\n")
+    print(format_tables(run(device, "inductor" if compile_reference else None)), flush=True)
 
 
 def smoke_cpu() -> None:
@@ -212,8 +272,8 @@ def smoke_cpu() -> None:
 
     g = torch.Generator().manual_seed(0)
     for backward in (False, True):
-        case = SdeCase("sd3.5-m", 2, torch.bfloat16, torch.float32, True, backward)
-        inp = sde_inputs(case, "cpu", g, latent=(16, 8, 8))
+        case = SdeCase("sd3.5-m", 2, torch.bfloat16, torch.float32, True, backward, latent=(16, 8, 8))
+        inp = sde_inputs(case, "cpu", g)
         got = sde_runner(case, lambda **kw: kernels.sde_log_prob(**kw, backend="triton"), inp)()
         want = sde_runner(case, sde_log_prob_reference, inp)()
         diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(got, want) if a is not None]

@@ -93,12 +93,13 @@ def _wan_vae():
     return AutoencoderKLWan()
 
 
-def _sd3_vae():  # the SD3 and FLUX VAE (16 latent channels)
+def _sd3_vae(**overrides):  # the SD3 and FLUX VAE (16 latent channels), SD3.5's latent scaling
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         use_quant_conv=False, use_post_quant_conv=False)
+    config = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+    return AutoencoderKL(**{**config, **overrides})
 
 
 def _qwen_vae():

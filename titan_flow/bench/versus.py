@@ -1,200 +1,92 @@
 """Side by side on the CPU, in one run: our backbones vs the diffusers classes, our GRPO epoch vs the
 same work written the way the reference writes it, and where our epoch's time goes.
 
-    python -m titan_flow.bench.versus                         # everything
+    OMP_NUM_THREADS=1 python -m titan_flow.bench.versus         # everything
     python -m titan_flow.bench.versus --only backbones --families sd3 --repeats 9
-    python -m titan_flow.bench.versus --only epoch --epochs 3
+    python -m titan_flow.bench.versus --only epoch --epochs 5
 
-Backbones: every family with a diffusers class, at two small configs; ours and diffusers' get the same
-random weights and inputs. Time: median of `--repeats` fwd+bwd (loss = mean square of the output)
-taken in interleaved order (ours, diffusers, ours, ...), so machine load hits both alike. Peak memory:
-the growth of the resident set (VmHWM, reset before the step) over one fwd+bwd, each implementation
-alone in a fresh subprocess (in one process the allocator would reuse the other's freed memory).
+Backbones: every ported family that diffusers also implements, at its two CPU configs, through the one
+backbone harness (titan_flow/bench/backbone.py: same weights and inputs, alternated steps, median
+time, peak memory per implementation in its own process, activations saved for backward).
 
-Epoch: the debug SD3 GRPO job (8 prompts x 8 steps, CFG 4.5, 64 px, one process). Ours is the trainer
-itself; the reference way is a loop over diffusers' SD3Transformer2DModel with the same weights: CFG by
-batch concat at each step, the SDE log-prob in eager PyTorch, one forward per trained timestep, AdamW.
-Both are timed per epoch (median over `--epochs` after a warm-up epoch) and reported in images/s for
-rollout and training. The split of our epoch (rollout forward, SDE/log-prob math, decode, rewards in
-their background thread, re-score forward, backward, optimizer, collectives) comes from timers wrapped
-around those calls during our epochs.
+Epoch: the debug SD3 GRPO job (train_configs/debug_cpu.toml: 8 images of 64 px, 8 steps, CFG 4.5,
+7 trained steps, one process). Ours is the trainer itself; the reference way is a loop over diffusers'
+SD3Transformer2DModel with the same weights: CFG by batch concat at each step, the SDE log-prob in
+eager PyTorch, one forward per trained timestep, AdamW. The two alternate epoch by epoch (ours, the
+reference way, ours, ...) after one warm-up epoch each, so machine load hits both alike; the median
+epoch gives images/s for rollout (encode, denoise, decode, rewards) and training. The split of our
+epochs (rollout forward, SDE/log-prob math, decode, rewards on their background thread, the time the
+main thread still waits for them, re-score forward, backward, optimizer, collectives) comes from timers
+wrapped around those calls.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
-MIB = 2**20
+from titan_flow.bench import backbone
+
+REPO = Path(__file__).resolve().parents[2]
+DEBUG_JOB = str(REPO / "train_configs" / "debug_cpu.toml")
 
 
 # ------------------------------------------------------------------------------------------ backbones
-@dataclass(frozen=True)
-class BackboneCase:
-    """One family at one config: `build()` -> (ours, diffusers' (returning the output tensor), inputs)."""
-
-    family: str
-    config: str
-    build: Callable[[], tuple[nn.Module, nn.Module, dict]]
-
-    @property
-    def label(self) -> str:
-        return f"{self.family} {self.config}"
-
-
-class ReturnsTensor(nn.Module):
-    """A diffusers model behind our backbones' call signature (keyword inputs in, the output tensor out)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, **inputs):
-        return self.model(**inputs, return_dict=False)[0]
-
-
-def _sd3_case(name: str, config: dict, batch: int, side: int, text: int) -> BackboneCase:
-    def build():
-        from diffusers import SD3Transformer2DModel
-
-        from titan_flow.models import get_model_spec
-        from titan_flow.models.sd3 import SD3Args
-
-        torch.manual_seed(0)
-        reference = SD3Transformer2DModel(**config)
-        spec = get_model_spec("sd3")
-        ours = spec.model_cls(SD3Args(**config))
-        ours.load_state_dict(spec.from_diffusers(reference.state_dict()))
-        g = torch.Generator().manual_seed(1)
-        inputs = dict(
-            hidden_states=torch.randn(batch, config["in_channels"], side, side, generator=g),
-            encoder_hidden_states=torch.randn(batch, text, config["joint_attention_dim"], generator=g),
-            pooled_projections=torch.randn(batch, config["pooled_projection_dim"], generator=g),
-            timestep=torch.rand(batch, generator=g) * 1000,
-        )
-        return ours, ReturnsTensor(reference), inputs
-
-    tokens = (side // config["patch_size"]) ** 2
-    width = config["num_attention_heads"] * config["attention_head_dim"]
-    return BackboneCase("sd3", f"{name} (width {width}, {config['num_layers']} blocks, {tokens}+{text} tokens, "
-                               f"batch {batch})", build)
-
-
-def sd3_cases() -> list[BackboneCase]:
-    common = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, pos_embed_max_size=32,
-                  pooled_projection_dim=64, joint_attention_dim=128)
-    small = dict(common, num_layers=4, attention_head_dim=32, num_attention_heads=4, caption_projection_dim=128,
-                 dual_attention_layers=(0, 1), qk_norm="rms_norm")
-    wide = dict(common, num_layers=4, attention_head_dim=64, num_attention_heads=6, caption_projection_dim=384,
-                dual_attention_layers=(), qk_norm=None)
-    return [_sd3_case("sd3.5-shaped", small, batch=2, side=32, text=32),
-            _sd3_case("sd3-shaped", wide, batch=2, side=32, text=64)]
-
-
-# family -> its cases; a family that diffusers implements registers its two configs here.
-BACKBONES: dict[str, Callable[[], list[BackboneCase]]] = {"sd3": sd3_cases}
-
-
-def fwd_bwd(model: nn.Module, inputs: dict) -> None:
-    model.zero_grad(set_to_none=True)
-    model(**inputs).float().square().mean().backward()
-
-
-def time_interleaved(models: dict[str, nn.Module], inputs: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of one fwd+bwd per model, the models taking turns so load drifts hit all alike."""
-    for model in models.values():
-        fwd_bwd(model, inputs)  # warm-up
-    times = defaultdict(list)
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            fwd_bwd(model, inputs)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _vm_hwm_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line")
-
-
-def peak_growth_here(family: str, index: int, which: str) -> int:
-    """In this (fresh) process: bytes the resident set grows by over one fwd+bwd of one implementation."""
-    ours, reference, inputs = BACKBONES[family]()[index].build()
-    model = ours if which == "ours" else reference
-    del ours, reference
-    fwd_bwd(model, inputs)  # lazily created state (grads, caches) belongs to the baseline
-    model.zero_grad(set_to_none=False)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the warm-up's freed activations back to the OS
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    before = _vm_hwm_bytes()
-    fwd_bwd(model, inputs)
-    return _vm_hwm_bytes() - before
-
-
-def peak_growth(family: str, index: int, which: str) -> int:
-    cmd = [sys.executable, "-m", "titan_flow.bench.versus", "--_peak", f"{family}:{index}:{which}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return int(out.strip().splitlines()[-1])
-
-
 def bench_backbones(families: list[str], repeats: int) -> list[dict]:
     rows = []
-    for family in families:
-        for index, case in enumerate(BACKBONES[family]()):
-            ours, reference, inputs = case.build()
-            with torch.no_grad():
-                diff = (ours(**inputs) - reference(**inputs)).abs().max().item()
-            seconds = time_interleaved({"ours": ours, "diffusers": reference}, inputs, repeats)
-            memory = {which: peak_growth(family, index, which) for which in ("ours", "diffusers")}
-            rows.append({"case": case.label, "max_abs_diff": diff, "seconds": seconds, "peak_bytes": memory})
-            print(f"{case.label}: fwd+bwd ours {seconds['ours'] * 1e3:.1f} ms vs diffusers "
-                  f"{seconds['diffusers'] * 1e3:.1f} ms = {seconds['ours'] / seconds['diffusers']:.2f}x; peak growth "
-                  f"ours {memory['ours'] / MIB:.0f} MiB vs {memory['diffusers'] / MIB:.0f} MiB = "
-                  f"{memory['ours'] / max(memory['diffusers'], 1):.2f}x (outputs agree to {diff:.1e})", flush=True)
+    for case in backbone.cases(families):
+        results = backbone.compare(case, "cpu", "float32", repeats)
+        print(backbone.report(results, repeats), flush=True)
+        rows += [asdict(r) for r in results]
     return rows
 
 
 # -------------------------------------------------------------------------------------------- epochs
-EPOCH_ARGS = ["--metrics.enable_tensorboard", "false", "--metrics.image_log_freq", "0", "--eval.freq", "0",
-              "--checkpoint.enable", "false", "--training.kernel_backend", "torch"]
+EPOCH_ARGS = ["--job.config_file", DEBUG_JOB, "--metrics.enable_tensorboard", "false", "--metrics.image_log_freq", "0",
+              "--eval.freq", "0", "--checkpoint.enable", "false", "--training.kernel_backend", "torch"]
 
 
 class PhaseTimer:
-    """Wall time per phase of the trainer's epoch, from wrappers around the calls that make each phase."""
+    """Wall time per phase of the trainer's epoch, from wrappers around the calls that make each phase.
 
-    def __init__(self):
+    `sync` (e.g. torch.cuda.synchronize) runs before and after each timed call, so asynchronous device
+    work is charged to the call that queued it. While `paused`, nothing is counted.
+    """
+
+    def __init__(self, sync: Callable[[], None] | None = None):
         self.seconds: dict[str, float] = defaultdict(float)
+        self.sync = sync or (lambda: None)
+        self.paused = False
         self._patches: list[tuple[object, str, object]] = []
 
-    def wrap(self, owner, name: str, phase: Callable[[], str] | str) -> None:
+    def wrap(self, owner, name: str, phase: Callable[[], str | None] | str) -> None:
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
+            label = phase() if callable(phase) else phase
+            if self.paused or label is None:
+                return original(*args, **kwargs)
+            self.sync()
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[phase() if callable(phase) else phase] += time.perf_counter() - start
+                self.sync()
+                self.seconds[label] += time.perf_counter() - start
 
         self._patches.append((owner, name, original))
         setattr(owner, name, timed)
@@ -206,7 +98,9 @@ class PhaseTimer:
 
 
 @contextmanager
-def timed_phases(timer: PhaseTimer):
+def timed_phases(timer: PhaseTimer, after_epoch: Callable[[int], None] | None = None):
+    """Phase timers around the trainer's calls; the first epoch (first-call costs) is not counted, and
+    `after_epoch(epoch)` runs after each of our epochs with the timer paused."""
     import torch.distributed as dist
 
     import titan_flow.rl.algorithms.base as base
@@ -218,129 +112,167 @@ def timed_phases(timer: PhaseTimer):
     def forward_phase() -> str:
         return "re-score forward" if torch.is_grad_enabled() else "rollout forward"
 
+    def main_thread(label: str) -> Callable[[], str | None]:
+        return lambda: label if threading.current_thread() is threading.main_thread() else None
+
     timer.wrap(SD3Pipeline, "velocity", forward_phase)
     timer.wrap(SD3Pipeline, "decode", "decode")
     timer.wrap(SD3Pipeline, "encode", "encode prompts")
     timer.wrap(rollout, "sde_step", "rollout SDE step + log-prob")
     timer.wrap(grpo, "sde_step", "re-score log-prob")
     timer.wrap(MultiReward, "__call__", "rewards (background thread)")
+    timer.wrap(Future, "result", main_thread("waiting for rewards (not overlapped)"))
     timer.wrap(torch.Tensor, "backward", "backward")
     timer.wrap(base, "clip_grad_norm", "grad-norm clip")
     timer.wrap(torch.optim.AdamW, "step", "AdamW step")
-    epochs_started = []
-    real_run_epoch = base.OnlineAlgorithm.run_epoch
-
-    def run_epoch(algo, epoch):
-        if len(epochs_started) == 1:  # the warm-up epoch (first-call costs: DTensor dispatch caches) is not counted
-            timer.seconds.clear()
-        epochs_started.append(epoch)
-        return real_run_epoch(algo, epoch)
-
-    timer._patches.append((base.OnlineAlgorithm, "run_epoch", real_run_epoch))
-    base.OnlineAlgorithm.run_epoch = run_epoch
     for collective in ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor",
                        "reduce_scatter_tensor", "broadcast"):
         timer.wrap(dist, collective, "collectives (outside FSDP's own)")
+    real_run_epoch = base.OnlineAlgorithm.run_epoch
+    epochs_run = []
+
+    def run_epoch(algo, epoch):
+        if len(epochs_run) == 1:  # the warm-up epoch (first-call costs, allocator growth) is not counted
+            timer.seconds.clear()
+        epochs_run.append(epoch)
+        result = real_run_epoch(algo, epoch)
+        if after_epoch is not None:
+            timer.paused = True
+            try:
+                after_epoch(epoch)
+            finally:
+                timer.paused = False
+        return result
+
+    timer._patches.append((base.OnlineAlgorithm, "run_epoch", real_run_epoch))
+    base.OnlineAlgorithm.run_epoch = run_epoch
     try:
         yield timer
     finally:
         timer.restore()
 
 
-def our_epochs(epochs: int, out_dir: Path) -> tuple[list[dict], dict[str, float]]:
-    """The trainer on the debug job for 1 + `epochs` epochs; per-epoch metrics and the phase split."""
-    from titan_flow import train
+def reference_sde_step(v, x, sigmas, j: int, noise_level: float, generator=None, prev=None):
+    """The reference's sde_step_with_logprob: everything upcast to fp32, sigma_max in place of 1 - sigma at
+    sigma = 1, the log-prob's mean over all non-batch dims. Returns (x_{j+1}, log_prob (B,))."""
+    v, x = v.float(), x.float()
+    sigma, sigma_next = sigmas[j].float(), sigmas[j + 1].float()
+    dt = sigma_next - sigma
+    std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigmas[1].float(), sigma))) * noise_level
+    mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    if prev is None:
+        noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+        prev = mean + std_dev_t * torch.sqrt(-dt) * noise.to(x.device)
+    std = std_dev_t * torch.sqrt(-dt)
+    log_prob = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    return prev, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
-    timer = PhaseTimer()
-    args = [*EPOCH_ARGS, "--job.output_dir", str(out_dir), "--job.run_name", "ours", "--training.steps",
-            str(1 + epochs)]
-    with timed_phases(timer):
-        train.main(args)
-    rows = [json.loads(line) for line in (out_dir / "ours" / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "perf/step_s" in r][1:], dict(timer.seconds)
+
+def reference_velocity(transformer, x, sigma, cond: dict, guidance_scale: float):
+    """The reference's transformer call: CFG by batch concat of [negative; positive], guided in fp32."""
+    latent_in = torch.cat([x, x]).to(transformer.dtype)
+    timestep = (sigma.float() * 1000).expand(latent_in.shape[0])
+    noise_pred = transformer(
+        hidden_states=latent_in, timestep=timestep,
+        encoder_hidden_states=torch.cat([cond["negative_prompt_embeds"], cond["prompt_embeds"]]).to(transformer.dtype),
+        pooled_projections=torch.cat([cond["negative_pooled_prompt_embeds"],
+                                      cond["pooled_prompt_embeds"]]).to(transformer.dtype),
+        return_dict=False)[0].float()
+    uncond, text = noise_pred.chunk(2)
+    return uncond + guidance_scale * (text - uncond)
 
 
-def reference_style_epochs(epochs: int) -> list[dict[str, float]]:
-    """The same GRPO epochs written as the reference writes them, on diffusers' transformer."""
-    from diffusers import SD3Transformer2DModel
+@torch.no_grad()
+def reference_rollout(transformer, cond: dict, x, sigmas, noise_level: float, guidance_scale: float, generator):
+    """The reference's pipeline_with_logprob loop: (latents x_0..x_T, log-probs per step)."""
+    latents, log_probs = [x.float()], []
+    for j in range(len(sigmas) - 1):
+        x, lp = reference_sde_step(reference_velocity(transformer, latents[-1], sigmas[j], cond, guidance_scale),
+                                   latents[-1], sigmas, j, noise_level, generator)
+        latents.append(x)
+        log_probs.append(lp)
+    return latents, log_probs
 
-    from titan_flow.config import build_job_config
-    from titan_flow.data.prompts import DEBUG_PROMPTS
-    from titan_flow.models import get_model_spec
-    from titan_flow.models.sd3.pipeline import SD3Pipeline
-    from titan_flow.rewards import MultiReward
 
-    cfg = build_job_config(EPOCH_ARGS)
-    s, rl = cfg.sampling, cfg.rl
-    spec = get_model_spec("sd3")
-    torch.manual_seed(cfg.job.seed)
-    ours = spec.build(cfg.model.flavor)
-    transformer = SD3Transformer2DModel(**asdict(spec.args(cfg.model.flavor)))
-    transformer.load_state_dict(spec.to_diffusers(ours.state_dict()))
-    pipe = SD3Pipeline.load("", device="cpu", resolution=cfg.model.resolution,
-                            max_sequence_length=cfg.model.max_sequence_length, seed=cfg.job.seed)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
-    reward = MultiReward(cfg.reward.fns, {}, "cpu")
-    sigmas = pipe.sigmas(s.num_steps).double()
-    generator = torch.Generator().manual_seed(0)
+class ReferenceWay:
+    """The debug job's GRPO epoch written as the reference writes it, on diffusers' SD3 transformer holding
+    the trainer's initial weights (the same random init: same seed, same flavor)."""
 
-    def sde_step_with_logprob(v, x, j, prev=None):
-        # as the reference: everything upcast to fp32, sigma_max fallback at sigma = 1, mean over all dims
-        v, x = v.float(), x.float()
-        sigma, sigma_next = sigmas[j].float(), sigmas[j + 1].float()
-        dt = sigma_next - sigma
-        std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigmas[1].float(), sigma))) * s.noise_level
-        mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
-        if prev is None:
-            prev = mean + std_dev_t * torch.sqrt(-dt) * torch.randn(x.shape, generator=generator)
-        std = std_dev_t * torch.sqrt(-dt)
-        log_prob = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
-        return prev, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    def __init__(self):
+        from diffusers import SD3Transformer2DModel
 
-    def velocity(x, j, cond):
-        latent_in = torch.cat([x, x])
-        timestep = (sigmas[j].float() * 1000).expand(latent_in.shape[0])
-        noise_pred = transformer(hidden_states=latent_in, timestep=timestep,
-                                 encoder_hidden_states=torch.cat([cond["negative_prompt_embeds"], cond["prompt_embeds"]]),
-                                 pooled_projections=torch.cat([cond["negative_pooled_prompt_embeds"],
-                                                               cond["pooled_prompt_embeds"]]),
-                                 return_dict=False)[0]
-        uncond, text = noise_pred.chunk(2)
-        return uncond + s.guidance_scale * (text - uncond)
+        from titan_flow.config import build_job_config
+        from titan_flow.models import get_model_spec
+        from titan_flow.models.sd3.pipeline import SD3Pipeline
+        from titan_flow.rewards import MultiReward
 
-    rows = []
-    trained = range(max(1, math.floor(s.num_steps * rl.timestep_fraction)))
-    for epoch in range(1 + epochs):
+        self.cfg = cfg = build_job_config(EPOCH_ARGS)
+        spec = get_model_spec("sd3")
+        torch.manual_seed(cfg.job.seed)
+        ours = spec.build(cfg.model.flavor)
+        self.transformer = SD3Transformer2DModel(**asdict(spec.args(cfg.model.flavor)))
+        self.transformer.load_state_dict(spec.to_diffusers(ours.state_dict()))
+        self.pipe = SD3Pipeline.load("", device="cpu", resolution=cfg.model.resolution,
+                                     max_sequence_length=cfg.model.max_sequence_length, seed=cfg.job.seed)
+        o = cfg.optimizer
+        self.optimizer = torch.optim.AdamW(self.transformer.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                           weight_decay=o.weight_decay, eps=o.eps)
+        self.reward = MultiReward(cfg.reward.fns, {}, "cpu")
+        self.sigmas = self.pipe.sigmas(cfg.sampling.num_steps).double()
+        self.generator = torch.Generator().manual_seed(0)
+
+    def epoch(self, epoch: int) -> dict[str, float]:
+        from titan_flow.data.prompts import DEBUG_PROMPTS
+
+        s, rl = self.cfg.sampling, self.cfg.rl
         start = time.perf_counter()
-        prompts = [DEBUG_PROMPTS[(epoch + i // s.num_image_per_prompt) % len(DEBUG_PROMPTS)]
-                   for i in range(s.batch_size)]
-        transformer.eval()
+        prompts = [DEBUG_PROMPTS[(epoch + i // s.num_image_per_prompt) % len(DEBUG_PROMPTS)] for i in range(s.batch_size)]
+        self.transformer.eval()
         with torch.no_grad():
-            cond = pipe.encode(prompts)
-            x = pipe.initial_noise(len(prompts), generator)
-            latents, log_probs = [x], []
-            for j in range(s.num_steps):
-                x, lp = sde_step_with_logprob(velocity(x, j, cond), x, j)
-                latents.append(x)
-                log_probs.append(lp)
-            images = pipe.decode(x)
-        scores = reward(images, prompts, [{}] * len(prompts))["avg"]
+            cond = self.pipe.encode(prompts)
+            x0 = self.pipe.initial_noise(len(prompts), self.generator)
+            latents, log_probs = reference_rollout(self.transformer, cond, x0, self.sigmas, s.noise_level,
+                                                   s.guidance_scale, self.generator)
+            images = self.pipe.decode(latents[-1])
+        scores = self.reward(images, prompts, [{}] * len(prompts))["avg"]
         advantages = (scores - scores.mean()) / (scores.std() + 1e-4)
         rollout_s = time.perf_counter() - start
         start = time.perf_counter()
-        transformer.train()
+        self.transformer.train()
+        trained = range(max(1, math.floor(s.num_steps * rl.timestep_fraction)))
         for j in trained:
-            _, lp = sde_step_with_logprob(velocity(latents[j], j, cond), latents[j], j, prev=latents[j + 1])
+            v = reference_velocity(self.transformer, latents[j], self.sigmas[j], cond, s.guidance_scale)
+            _, lp = reference_sde_step(v, latents[j], self.sigmas, j, s.noise_level, prev=latents[j + 1])
             ratio = torch.exp(lp - log_probs[j])
             unclipped = -advantages * ratio
             clipped = -advantages * torch.clamp(ratio, 1 - rl.clip_range, 1 + rl.clip_range)
             (torch.maximum(unclipped, clipped).mean() / len(trained)).backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), cfg.optimizer.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        rows.append({"perf/rollout_s": rollout_s, "perf/train_s": time.perf_counter() - start})
-    reward.close()
-    return rows[1:]
+        torch.nn.utils.clip_grad_norm_(self.transformer.parameters(), self.cfg.optimizer.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"perf/rollout_s": rollout_s, "perf/train_s": time.perf_counter() - start}
+
+    def close(self) -> None:
+        self.reward.close()
+
+
+def alternated_epochs(epochs: int, out_dir: Path, extra_args: list[str] = ()) -> tuple[list[dict], list[dict], dict]:
+    """1 + `epochs` epochs of the trainer, each followed by one reference-way epoch (the phase timers paused).
+    Returns (our per-epoch metrics, the reference way's, our phase split), warm-up epochs dropped."""
+    from titan_flow import train
+
+    reference = ReferenceWay()
+    theirs: list[dict] = []
+    timer = PhaseTimer()
+    args = [*EPOCH_ARGS, *extra_args, "--job.output_dir", str(out_dir), "--job.run_name", "ours",
+            "--training.steps", str(1 + epochs)]
+    try:
+        with timed_phases(timer, after_epoch=lambda epoch: theirs.append(reference.epoch(epoch))):
+            train.main(args)
+    finally:
+        reference.close()
+    rows = [json.loads(line) for line in (out_dir / "ours" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "perf/step_s" in r][1:], theirs[1:], dict(timer.seconds)
 
 
 def bench_epoch(epochs: int) -> dict:
@@ -348,17 +280,19 @@ def bench_epoch(epochs: int) -> dict:
 
     batch = build_job_config(EPOCH_ARGS).sampling.batch_size
     with tempfile.TemporaryDirectory(prefix="titan_flow_versus_") as scratch:
-        ours, split = our_epochs(epochs, Path(scratch))
-    reference = reference_style_epochs(epochs)
-    result = {}
+        ours, reference, split = alternated_epochs(epochs, Path(scratch))
+    result = {"epochs": epochs, "images_per_epoch": batch}
     for phase in ("rollout", "train"):
-        mine = statistics.median(r[f"perf/{phase}_s"] for r in ours)
-        theirs = statistics.median(r[f"perf/{phase}_s"] for r in reference)
-        result[phase] = {"ours_images_per_s": batch / mine, "reference_images_per_s": batch / theirs}
-        print(f"GRPO epoch {phase}: ours {batch / mine:.1f} images/s vs the reference way {batch / theirs:.1f} "
-              f"images/s = {theirs / mine:.2f}x as fast", flush=True)
-    print(f"where our epochs' time goes ({epochs} epochs after the warm-up; the reward thread overlaps the next "
-          "rollout):")
+        mine = [r[f"perf/{phase}_s"] for r in ours]
+        theirs = [r[f"perf/{phase}_s"] for r in reference]
+        ours_ips, ref_ips = batch / statistics.median(mine), batch / statistics.median(theirs)
+        result[phase] = {"ours_images_per_s": ours_ips, "reference_images_per_s": ref_ips,
+                         "ours_seconds": mine, "reference_seconds": theirs}
+        print(f"GRPO epoch {phase}: ours {ours_ips:.1f} images/s vs the reference way {ref_ips:.1f} images/s = "
+              f"{ours_ips / ref_ips:.2f}x as fast (median of {epochs} alternated epochs; per epoch ours "
+              f"{min(mine):.2f}-{max(mine):.2f} s, reference way {min(theirs):.2f}-{max(theirs):.2f} s)", flush=True)
+    print(f"where our epochs' time goes ({epochs} epochs after the warm-up; rewards are scored on a background "
+          "thread, overlapping the next rollout; the main thread's wait for them is its own line):")
     for phase, seconds in sorted(split.items(), key=lambda kv: -kv[1]):
         print(f"  {phase:40s} {seconds:8.3f} s")
     result["split_seconds"] = split
@@ -368,21 +302,17 @@ def bench_epoch(epochs: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m titan_flow.bench.versus", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=["backbones", "epoch"], help="run one part (default: both)")
-    p.add_argument("--families", default=",".join(BACKBONES), help=f"backbone families (of {', '.join(BACKBONES)})")
+    p.add_argument("--families", default=",".join(backbone.ported_families()),
+                   help=f"backbone families (of {', '.join(backbone.ported_families())})")
     p.add_argument("--repeats", type=int, default=7, help="timed fwd+bwd per implementation (median)")
-    p.add_argument("--epochs", type=int, default=3, help="measured GRPO epochs per side (after one warm-up)")
+    p.add_argument("--epochs", type=int, default=5, help="measured GRPO epochs per side (after one warm-up)")
     p.add_argument("--json", help="also write the figures to this file")
-    p.add_argument("--_peak", help=argparse.SUPPRESS)  # family:index:which, run in a fresh subprocess
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if args._peak:
-        family, index, which = args._peak.split(":")
-        print(peak_growth_here(family, int(index), which))
-        return 0
     families = [f for f in args.families.split(",") if f]
-    unknown = sorted(set(families) - set(BACKBONES))
+    unknown = sorted(set(families) - set(backbone.ported_families()))
     if unknown:
-        p.error(f"--families: {unknown} have no diffusers counterpart here; choose from {', '.join(BACKBONES)}")
-    torch.manual_seed(0)
+        p.error(f"--families: {unknown} have no ported diffusers counterpart here; choose from "
+                f"{', '.join(backbone.ported_families())}")
     figures = {"threads": torch.get_num_threads()}
     if args.only in (None, "backbones"):
         figures["backbones"] = bench_backbones(families, args.repeats)

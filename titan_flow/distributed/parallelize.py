@@ -63,13 +63,31 @@ def apply_fsdp(
     fully_shard(model, reshard_after_forward=reshard_after_forward == "always", **root_kwargs)
 
 
+def fsdp_is_a_no_op(dims: ParallelDims, cfg: JobConfig) -> bool:
+    """One process, no mixed precision, no offload: FSDP2 would shard nothing and cast nothing.
+
+    Its hooks, copy-in/copy-out and DTensor parameters then only cost time (about a third of a training
+    step of the debug model on the CPU), so the model stays a plain module, as TorchTitan does at shard
+    degree 1. The forward and every block's gradient are bit for bit FSDP2's; only the root's
+    conditioning gradients are summed in another order (fp32 rounding; tests/test_parallel.py). A bf16
+    gradient reduce of fp32 weights does round, so it keeps FSDP2, as does any compute dtype other than
+    the weights' (FSDP2 is what casts them). Checkpoints stay interchangeable: DCP stores global tensors
+    under the same keys, so a plain module's loads into FSDP2 shards at any world size and back.
+    """
+    p, master = cfg.parallelism, DTYPES[cfg.model.dtype]
+    reduce_rounds = DTYPES[p.mixed_precision_reduce].itemsize < master.itemsize
+    return (dims.world_size == 1 and DTYPES[cfg.model.compute_dtype] == master and not reduce_rounds
+            and not p.fsdp_cpu_offload)
+
+
 def parallelize_blocks(
     model: nn.Module, block_lists: list[nn.ModuleList], dims: ParallelDims, cfg: JobConfig, trainable: bool
 ) -> nn.Module:
     """The TorchTitan order: AC (trained models only) -> compile -> fully_shard per block -> root.
 
     A frozen model (the reference policy) with `parallelism.reference_placement = "replicate"` is
-    not sharded: every rank keeps it whole in the compute dtype.
+    not sharded: every rank keeps it whole in the compute dtype. A single process without mixed
+    precision is not wrapped at all (`fsdp_is_a_no_op`).
     """
     p = cfg.parallelism
     if p.fsdp_cpu_offload and dims.device.type != "cuda":
@@ -86,6 +104,8 @@ def parallelize_blocks(
             apply_compile(blocks)
     if not trainable and p.reference_placement == "replicate":
         return model.to(DTYPES[cfg.model.compute_dtype])
+    if fsdp_is_a_no_op(dims, cfg):
+        return model
     apply_fsdp(
         model,
         block_lists,

@@ -1,7 +1,8 @@
 """Process-group and device-mesh set-up shared by training, sampling and export.
 
 A single process (plain `python -m titan_flow.train`) still gets a one-rank process group, so the
-model is always wrapped by FSDP2 and there is one code path from a laptop to 32 GPUs.
+collectives, DCP and the FSDP2 code path are the same from a laptop to 32 GPUs (FSDP2 itself is left
+out where it would shard and cast nothing: distributed/parallelize.py, `fsdp_is_a_no_op`).
 """
 
 from __future__ import annotations
