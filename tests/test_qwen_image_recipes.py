@@ -1,5 +1,6 @@
 """The Qwen-Image recipes carry the reference's hyper-parameters (flow_grpo config/grpo.py at upstream 9745241:
-pickscore_qwenimage, counting_qwenimage_edit, counting_qwenimage_edit_fast; edit_and_video.md 3.5-3.6), and
+pickscore_qwenimage, counting_qwenimage_edit, counting_qwenimage_edit_fast; edit_and_video.md 3.5-3.6; the OCR
+recipe is pickscore_qwenimage with general_ocr_sd3's prompts and reward), and
 the text-to-image one trains its LoRA on the debug Qwen-Image."""
 
 import json
@@ -24,6 +25,8 @@ QWEN_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.ad
 # 4 prompts x 16 images, n_b 4 (32 groups per epoch), GA 2, T 10 / eval 50, true CFG 4 with " ", 512 px.
 EXPECTED = {
     "qwen_image_pickscore": ("Qwen-Image", 1.2, 2, [0, 5], {"pickscore": 1.0}, ("dataset/pickscore", "text"), 30),
+    # not in the reference: pickscore_qwenimage with general_ocr_sd3's prompts and reward
+    "qwen_image_ocr": ("Qwen-Image", 1.2, 2, [0, 5], {"ocr": 1.0}, ("dataset/ocr", "text"), 30),
     # window size 0 in the reference = SDE on all but the last of the 10 steps, those 9 trained
     "qwen_image_edit_counting": ("Qwen-Image-Edit", 1.0, 9, [0, 9], {"geneval": 0.8, "image_similarity": 0.2},
                                  ("dataset/counting_edit", "geneval"), 60),
