@@ -35,6 +35,7 @@ _MODULES = {
     "ocr": "ocr",
     "qwenvl": "qwenvl",
     "geneval": "geneval",
+    "shapes_geneval": "shapes_geneval",
     "deqa": "deqa",
     "unifiedreward": "unifiedreward",
 }
