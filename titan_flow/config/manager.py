@@ -321,12 +321,15 @@ def build_job_config(argv: list[str] | None = None) -> JobConfig:
     return cfg
 
 
-def job_config_from_dict(data: dict) -> JobConfig:
-    """Rebuild a JobConfig from `to_dict` output (a run's config.json), validating every field."""
+def job_config_from_dict(data: dict, overrides: list[str] = ()) -> JobConfig:
+    """Rebuild a JobConfig from `to_dict` output (a run's config.json), then apply `--section.key value`
+    command-line `overrides`, validating every field."""
     cfg = JobConfig()
     for section, table in data.items():
         for key, value in table.items():
             _set(cfg, section, key, value, from_cli=False)
+    for section, key, value in parse_cli_overrides(list(overrides)):
+        _set(cfg, section, key, value, from_cli=True)
     resolve_auto(cfg)
     validate(cfg)
     return cfg

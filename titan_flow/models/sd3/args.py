@@ -120,4 +120,20 @@ FLAVORS = {
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     ),
+    # Pixel-space MMDiT of the shapes world (models/sd3/shapes.py): 32 x 32 RGB in 4 x 4 patches (64 tokens),
+    # text = one-hot words (21) + positions (8) in 32 wide, pooled = bag of words in 24; 2.3 M parameters.
+    "shapes": SD3Args(
+        sample_size=32,
+        patch_size=4,
+        in_channels=3,
+        out_channels=3,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        caption_projection_dim=128,
+        joint_attention_dim=32,
+        pooled_projection_dim=24,
+        pos_embed_max_size=8,
+        qk_norm="rms_norm",
+    ),
 }
