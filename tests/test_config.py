@@ -97,7 +97,7 @@ def test_auto_fields_take_the_pretrained_pipelines_defaults(tmp_path):
 
 
 def test_auto_fields_fail_naming_the_cause(tmp_path):
-    with pytest.raises(ConfigError, match=r"model.pretrained_path: .* is not a directory"):
+    with pytest.raises(ConfigError, match=r"model.pretrained_path: .*missing' does not exist"):
         build_job_config(["--model.pretrained_path", str(tmp_path / "missing")])
     with pytest.raises(ConfigError, match="model.resolution: expected an integer, got 'big'"):
         build_job_config(["--model.resolution", "big"])

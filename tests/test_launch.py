@@ -90,11 +90,13 @@ def test_a_hang_fails_after_the_configured_timeout(tmp_path):
     script.write_text(HANG)
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+                           str(script)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=420)
     seconds = time.monotonic() - start
     assert proc.returncode != 0
     assert "Timed out waiting 5000ms" in proc.stdout + proc.stderr
-    assert seconds < 60
+    # The configured 5 s, not the 600 s default: the start-up of two processes on a loaded machine can take
+    # a while, so the bound is half the default rather than a few times 5 s.
+    assert seconds < 300
 
 
 @pytest.mark.slow

@@ -185,19 +185,30 @@ def test_client_errors_are_not_retried():
 
 
 def test_timeouts_are_retried():
-    calls = []
+    """The first request hangs until the client has given up on it and retried; the retry is answered.
+
+    Nothing here races the clock: the hanging request is released by the retry's arrival (an event),
+    not by a sleep, and the client's timeout (3 s) is a wide margin over answering three tiny images
+    on localhost (milliseconds), so on a loaded machine the retry is not timed out as well.
+    """
+    calls, retried = [], threading.Event()
 
     def respond(handler, body):
         calls.append(1)
         if len(calls) == 1:
-            time.sleep(1.5)  # longer than the client's timeout
+            assert retried.wait(120), "the client never retried the hanging request"
+        else:
+            retried.set()
         return 200, pickle.dumps({"outputs": [0.5] * len(pickle.loads(body)["images"])}), "application/octet-stream"
 
     stub = Stub(respond)
-    out = DeQA(stub.url, RetryPolicy(timeout_seconds=0.5, max_retries=2, backoff_seconds=0.01))(
-        gray_images(3), ["p"] * 3, [{}] * 3
-    )
-    stub.close()
+    try:
+        out = DeQA(stub.url, RetryPolicy(timeout_seconds=3, max_retries=2, backoff_seconds=0.01))(
+            gray_images(3), ["p"] * 3, [{}] * 3
+        )
+    finally:
+        retried.set()
+        stub.close()
     assert len(calls) == 2 and out["score"].tolist() == [0.5] * 3
 
 
@@ -363,7 +374,7 @@ class Gate(Reward):
 
     def __call__(self, images, prompts, metadata, ref_images=None, only_strict=True):
         self.entered.set()
-        self.release.wait(30)
+        self.release.wait(300)  # released by the test once every request has queued
         self.batches.append(list(prompts))
         return {"score": images.mean(dim=(1, 2, 3)), "prompt_len": torch.tensor([len(p) for p in prompts])}
 
@@ -381,17 +392,17 @@ def test_server_batches_queued_requests_and_splits_the_answers():
 
     threads = [threading.Thread(target=ask, args=(0, 1))]
     threads[0].start()
-    assert gate.entered.wait(10)
+    assert gate.entered.wait(120)
     for queued, (i, n, size) in enumerate(((1, 2, 8), (2, 2, 8), (3, 2, 8), (4, 1, 16)), 1):  # 4: another size
         threads.append(threading.Thread(target=ask, args=(i, n, size)))
         threads[-1].start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # generous: a loaded machine may schedule the thread late
         while scorer.jobs.qsize() < queued:  # queue them in this order
             assert time.monotonic() < deadline
             time.sleep(0.01)
     gate.release.set()
     for t in threads:
-        t.join(30)
+        t.join(300)
     assert [len(b) for b in gate.batches] == [1, 4, 2, 1]  # 1+2+2 > 5 images: the third request waits
     for i, n in ((0, 1), (1, 2), (2, 2), (3, 2), (4, 1)):
         assert results[i]["score"] == pytest.approx([i / 10] * n)

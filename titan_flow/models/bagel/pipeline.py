@@ -207,12 +207,8 @@ def _pixels(image: Image.Image, height: int, width: int) -> torch.Tensor:
 def pretrained_defaults(pretrained_path: str) -> dict:
     """Bagel's inferencer defaults: 1024 x 1024, 50 timesteps (49 steps), text CFG 4.0; it never truncates
     prompts, so the text limit (512) only guards runaway ones."""
-    root = Path(pretrained_path)
-    if not (root / AE_NAME).is_file():
-        raise FileNotFoundError(
-            f"model.pretrained_path: {root / AE_NAME} does not exist; give a Bagel directory "
-            "(e.g. a snapshot of ByteDance-Seed/BAGEL-7B-MoT) holding ae.safetensors and the Qwen2 tokenizer"
-        )
+    if not Path(pretrained_path).exists():
+        raise FileNotFoundError(f"model.pretrained_path: {pretrained_path!r} does not exist")
     return pipeline_defaults(resolution=1024, max_sequence_length=512, num_steps=49, guidance_scale=4.0)
 
 
@@ -291,7 +287,11 @@ class BagelPipeline:
         from transformers import AutoTokenizer
 
         root = Path(pretrained_path)
-        pretrained_defaults(pretrained_path)  # checks the directory holds Bagel's files
+        if not (root / AE_NAME).is_file():
+            raise FileNotFoundError(
+                f"model.pretrained_path: {root / AE_NAME} does not exist; give a Bagel directory "
+                "(e.g. a snapshot of ByteDance-Seed/BAGEL-7B-MoT) holding ae.safetensors and the Qwen2 tokenizer"
+            )
         tokenizer = AutoTokenizer.from_pretrained(root)
         return cls(tokenizer=tokenizer, vae=load_flux_vae(root / AE_NAME, vae_dtype, device), **kwargs)
 

@@ -76,18 +76,24 @@ def _read_scheduler_config(root: Path) -> tuple[float, float | None]:
 def pretrained_defaults(pretrained_path: str) -> dict:
     """`StableDiffusion3Pipeline.__call__`'s defaults for this directory: 28 steps, CFG 7.0, 256 T5 tokens,
     and height = width = the transformer's `sample_size` x the VAE's downsampling (1024 for SD3.5).
-    A pixel-space shapes directory records its own (models/sd3/shapes.py)."""
+    The path may also be a bare transformer directory or a single-file checkpoint (what the backbone
+    loader accepts); what it does not hold takes the published SD3 values (sample_size 128, VAE 8x).
+    A pixel-space shapes directory records its own (models/sd3/shapes.py).
+    """
     from titan_flow.models.sd3 import shapes
 
     if shapes.is_shapes_dir(pretrained_path):
         return shapes.pretrained_defaults(pretrained_path)
     root = Path(pretrained_path)
-    _check_layout(root)
-    transformer_config = root / "transformer" / "config.json"  # absent when the weights are an SAI single file
-    sample_size = json.loads(transformer_config.read_text())["sample_size"] if transformer_config.is_file() else 128
-    vae_blocks = json.loads((root / "vae" / "config.json").read_text())["block_out_channels"]
-    resolution = sample_size * 2 ** (len(vae_blocks) - 1)
-    return pipeline_defaults(resolution=resolution, max_sequence_length=256, num_steps=28, guidance_scale=7.0)
+    if not root.exists():
+        raise FileNotFoundError(f"model.pretrained_path: {str(root)!r} does not exist")
+    configs = [root / "transformer" / "config.json", root / "config.json"]
+    transformer_config = next((c for c in configs if c.is_file()), None)
+    sample_size = json.loads(transformer_config.read_text())["sample_size"] if transformer_config else 128
+    vae_config = root / "vae" / "config.json"
+    vae_scale = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1) if vae_config.is_file() else 8
+    return pipeline_defaults(resolution=sample_size * vae_scale, max_sequence_length=256, num_steps=28,
+                             guidance_scale=7.0)
 
 
 class SD3Pipeline:
