@@ -191,7 +191,7 @@ def test_resume_after_kill_is_bitwise(straight, crashed, runs):
     final_ref = flat_checkpoint(step_dir(straight / "checkpoint", EPOCHS), runs)
     final = flat_checkpoint(step_dir(crashed_dir / "checkpoint", EPOCHS), runs)
     assert_same_state(final_ref, final)
-    assert final["train.algorithm.global_step"] == EPOCHS and final["train.sampler.counter"] == 2 * EPOCHS
+    assert final["train.algorithm.global_step"] == EPOCHS and final["train.data._index_sampler_state.counter"] == 2 * EPOCHS
     # The EMA moved away from the weights (so it was really trained and restored, not just copied).
     name = next(k for k in final if k.startswith("model.") and k.endswith("proj_out.weight"))
     shadow = [v for k, v in final.items() if k.startswith("ema.") and v.shape == final[name].shape]

@@ -20,6 +20,7 @@ import kernels
 from titan_flow.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
 from titan_flow.checkpoint.pretrained import load_full_into_shards
 from titan_flow.config import JobConfig, build_job_config, to_dict
+from titan_flow.data.loader import build_loader
 from titan_flow.data.prompts import load_prompt_dataset
 from titan_flow.data.sampler import KRepeatSampler
 from titan_flow.distributed.parallelize import DTYPES, shard_frozen_encoders
@@ -92,23 +93,24 @@ def build_model(cfg: JobConfig, dims: ParallelDims, trainable: bool, load_weight
 
 
 class TrainState(Stateful):
-    """What is identical on every rank besides the weights: epoch, the sampler, the algorithm's counters."""
+    """What is identical on every rank besides the weights: epoch, the data loader's position, the
+    algorithm's counters."""
 
-    def __init__(self, algo: OnlineAlgorithm, sampler):
-        self.algo, self.sampler = algo, sampler
+    def __init__(self, algo: OnlineAlgorithm, loader):
+        self.algo, self.loader = algo, loader
         self.epoch = 0
 
     def state_dict(self):
-        return {"epoch": self.epoch, "algorithm": self.algo.state_dict(), "sampler": self.sampler.state_dict()}
+        return {"epoch": self.epoch, "algorithm": self.algo.state_dict(), "data": self.loader.state_dict()}
 
     def load_state_dict(self, sd):
         self.epoch = sd["epoch"]
         self.algo.load_state_dict(sd["algorithm"])
-        self.sampler.load_state_dict(sd["sampler"])
+        self.loader.load_state_dict(sd["data"])
 
 
 def build_dataset(cfg: JobConfig, split: str):
-    return load_prompt_dataset(cfg.data.path, split, cfg.data.format)
+    return load_prompt_dataset(cfg.data.path, split, cfg.data.format, cfg.data.image_key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,13 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     sampler = KRepeatSampler(
         len(dataset), s.batch_size, s.num_image_per_prompt, dims.world_size, dims.rank, cfg.job.seed
     )
+    loader = build_loader(dataset, sampler, cfg.data.num_workers, cfg.job.seed)
     noise_generator = torch.Generator(device=dims.device).manual_seed(cfg.job.seed * 1000 + dims.rank)
-    algo = build_algorithm(
-        cfg, dims, policy, model, frozen_copy, optimizer, ema, reward_fn, dataset, sampler, noise_generator
-    )
+    algo = build_algorithm(cfg, dims, policy, model, frozen_copy, optimizer, ema, reward_fn, loader, noise_generator)
     metrics = MetricsLogger(out, cfg.metrics.enable_tensorboard, dims.is_main)
 
-    train_state = TrainState(algo, sampler)
+    train_state = TrainState(algo, loader)
     states = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "train": train_state}
     if ema is not None:
         states["ema"] = ema

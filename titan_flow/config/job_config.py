@@ -235,6 +235,14 @@ class Data:
     path: str = doc("", "dataset folder (with train.txt/test.txt or *_metadata.jsonl); empty = built-in debug prompts")
     format: str = choices("auto", "auto", "text", "geneval", help="auto = jsonl -> geneval, txt -> text")
     train_split: str = doc("train", "split used for training")
+    image_key: str = doc(
+        "image",
+        "jsonl field holding each record's image path, relative to data.path (the source image of an edit set such "
+        "as counting_edit); '' ignores images",
+    )
+    num_workers: int = doc(
+        2, "data loader worker processes per rank that read and decode images (datasets without images use none)"
+    )
     test_split: str = doc("test", "split used for eval")
 
 

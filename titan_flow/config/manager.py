@@ -248,6 +248,7 @@ def validate(cfg: JobConfig) -> None:
         f"training.gradient_accumulation_steps ({ga}) so every epoch ends on an optimizer step",
     )
     need(cfg.training.steps >= 0, f"training.steps must be >= 0, got {cfg.training.steps}")
+    need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     need(cfg.model.resolution % 16 == 0, f"model.resolution must be a multiple of 16, got {cfg.model.resolution}")
     for name, w in cfg.reward.fns.items():
         need(isinstance(w, (int, float)) and not isinstance(w, bool), f"reward.fns.{name}: weight must be a number, got {w!r}")

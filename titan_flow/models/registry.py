@@ -14,7 +14,10 @@ The Policy interface every `pipeline_cls` implements (all rl/ ever sees of a fam
     sigmas = pipe.sigmas(num_steps)                         # (T+1,) fp32, ends with 0
 
 `model` is passed to `encode` because some families (Bagel) encode the prompt with the backbone
-itself; families with separate text encoders ignore it.
+itself; families with separate text encoders ignore it. `images` are the source images of an edit,
+one per prompt: float (3, H, W) tensors in [0, 1] at each file's own size (what the data loader
+yields) or PIL images; the family resizes them as its published pipeline does. Text-to-image
+families raise when given images.
 
 Generation settings whose right value depends on the weights (resolution, text length, steps,
 guidance, learning rate) are "auto" in the job config until `config_defaults` fills them: the

@@ -12,6 +12,7 @@ import contextlib
 import torch
 from tqdm import tqdm
 
+from titan_flow.data.loader import collate_records
 from titan_flow.distributed.utils import all_gather_tensor, reshard
 from titan_flow.rewards import geneval_breakdown, reward_means
 from titan_flow.rl.rollout import generate_images, step_noise_levels
@@ -35,16 +36,16 @@ def evaluate(cfg, dims, policy, model, ema, reward_fn, dataset):
     with swap:
         for start in tqdm(range(0, per_rank, e.batch_size), desc="eval", disable=not dims.is_main, leave=False):
             index = mine[start : start + e.batch_size]
-            items = [dataset[i % n_total] for i in index]
-            prompts = [p for p, _ in items]
+            batch = collate_records([dataset[i % n_total] for i in index])
             seeds = [torch.Generator().manual_seed(cfg.job.seed + i) for i in index]
-            imgs = generate_images(policy, model, prompts, seeds, sigmas, levels, "sde", e.guidance_scale)
-            rewards = reward_fn(imgs, prompts, [m for _, m in items], only_strict=False)
+            imgs = generate_images(policy, model, batch.prompts, seeds, sigmas, levels, "sde", e.guidance_scale,
+                                   images=batch.images)
+            rewards = reward_fn(imgs, batch.prompts, batch.metadata, ref_images=batch.images, only_strict=False)
             for k, v in rewards.items():
                 scores.setdefault(k, []).append(v.float().to(dims.device))
             if len(images) < cfg.metrics.num_log_images:
                 images.append(imgs.float().cpu())
-                captions += [f"{p} | {r:.3f}" for p, r in zip(prompts, rewards["avg"].tolist())]
+                captions += [f"{p} | {r:.3f}" for p, r in zip(batch.prompts, rewards["avg"].tolist())]
         reshard(model)  # before the trained weights are written back
     valid = all_gather_tensor(torch.tensor([i < n_total for i in mine], device=dims.device))
     gathered = {k: all_gather_tensor(torch.cat(parts))[valid] for k, parts in scores.items()}

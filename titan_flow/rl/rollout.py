@@ -171,13 +171,15 @@ def generate_images(
     sde_type: str,
     guidance_scale: float,
     noise_generator: torch.Generator | None = None,
+    images: list | None = None,
 ) -> torch.Tensor:
-    """Prompts -> float NCHW images in [0, 1]: encode, sample from fresh initial noise, decode.
+    """Prompts (and, for edits, their source images) -> float NCHW images in [0, 1]: encode, sample from
+    fresh initial noise, decode.
 
     `initial_noise_generator` is a generator or one per prompt (Policy.initial_noise);
     `noise_generator` draws the SDE steps' noise.
     """
-    cond = policy.encode(prompts, model=model)
+    cond = policy.encode(prompts, images=images, model=model)
     x0 = policy.initial_noise(len(prompts), initial_noise_generator)
     traj = sample_trajectory(policy, model, cond, x0, sigmas, noise_levels, sde_type, guidance_scale, noise_generator)
     return policy.decode(traj.latents[:, -1])

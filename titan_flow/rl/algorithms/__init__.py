@@ -27,11 +27,11 @@ def needs_lora_reference_slot(cfg: JobConfig) -> bool:
     return cfg.lora.enable and is_online(cfg)
 
 
-def build_algorithm(cfg: JobConfig, dims, policy, model, frozen_copy, optimizer, ema, reward_fn, dataset, sampler,
+def build_algorithm(cfg: JobConfig, dims, policy, model, frozen_copy, optimizer, ema, reward_fn, loader,
                     noise_generator) -> OnlineAlgorithm:
     frozen = FrozenPolicies(model, frozen_copy, online=is_online(cfg))
     return ALGORITHMS[cfg.rl.algorithm](
-        cfg, dims, policy, model, frozen, optimizer, ema, reward_fn, dataset, sampler, noise_generator
+        cfg, dims, policy, model, frozen, optimizer, ema, reward_fn, loader, noise_generator
     )
 
 

@@ -40,6 +40,8 @@ from titan_flow.rl.rollout import (
 class RolloutBatch:
     prompts: list[str]
     metadata: list[dict]
+    keys: list[str]  # group keys: the prompt, or prompt and source image for edits
+    source_images: list[torch.Tensor] | None  # the edit inputs the prompts were encoded with
     cond: dict
     trajectory: Trajectory
     images: torch.Tensor
@@ -62,6 +64,7 @@ class GroupAdvantages:
 
     advantages: torch.Tensor  # (W * N,) on CPU
     prompts: list[str]
+    keys: list[str]  # group keys, aligned with `prompts`
 
 
 class OnlineAlgorithm:
@@ -69,11 +72,12 @@ class OnlineAlgorithm:
     stores_means = False  # GRPO-Guard keeps every SDE step's mean
 
     def __init__(self, cfg: JobConfig, dims: ParallelDims, policy, model, frozen: FrozenPolicies, optimizer, ema,
-                 reward_fn, dataset, sampler, noise_generator: torch.Generator):
+                 reward_fn, loader, noise_generator: torch.Generator):
         self.cfg, self.dims = cfg, dims
         self.policy, self.model, self.frozen = policy, model, frozen
         self.optimizer, self.ema = optimizer, ema
-        self.reward_fn, self.dataset, self.sampler = reward_fn, dataset, sampler
+        self.reward_fn, self.loader = reward_fn, loader
+        self._batches = None  # the loader's iterator, made at the first rollout (after a resume restored it)
         self.noise_generator = noise_generator
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.global_step = 0  # optimizer updates so far
@@ -94,24 +98,32 @@ class OnlineAlgorithm:
         """Context manager yielding the module that samples this algorithm's rollouts."""
         raise NotImplementedError
 
-    def _initial_latents(self, prompts: list[str], epoch: int, round_index: int) -> torch.Tensor:
-        if not (self.cfg.sampling.same_latent or self.cfg.sampling.branch_prefix):
-            return self.policy.initial_noise(len(prompts), self.noise_generator)
-        gens = [torch.Generator(device="cpu").manual_seed(prompt_seed(p, epoch, round_index)) for p in prompts]
-        return self.policy.initial_noise(len(prompts), gens)
+    def next_batch(self):
+        """The loader's next batch (prompts, metadata, source images, group keys) for this rank."""
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        return next(self._batches)
 
-    def _sample(self, module, prompts: list[str], cond, epoch: int, round_index: int, sigmas, window, bar):
+    def _initial_latents(self, keys: list[str], epoch: int, round_index: int) -> torch.Tensor:
+        if not (self.cfg.sampling.same_latent or self.cfg.sampling.branch_prefix):
+            return self.policy.initial_noise(len(keys), self.noise_generator)
+        gens = [torch.Generator(device="cpu").manual_seed(prompt_seed(k, epoch, round_index)) for k in keys]
+        return self.policy.initial_noise(len(keys), gens)
+
+    def _sample(self, module, data, cond, epoch: int, round_index: int, sigmas, window, bar):
         s = self.cfg.sampling
         levels = step_noise_levels(s.num_steps, s.noise_level, window)
         common = dict(generator=self.noise_generator, progress=bar, return_means=self.stores_means)
         if not s.branch_prefix:
-            x0 = self._initial_latents(prompts, epoch, round_index)
+            x0 = self._initial_latents(data.keys, epoch, round_index)
             return sample_trajectory(self.policy, module, cond, x0, sigmas, levels, s.sde_type, s.guidance_scale,
                                      window=window, **common)
-        distinct = list(dict.fromkeys(prompts))
-        member_of = torch.tensor([distinct.index(p) for p in prompts], device=self.dims.device)
+        distinct = list(dict.fromkeys(data.keys))
+        first = [data.keys.index(k) for k in distinct]
+        member_of = torch.tensor([distinct.index(k) for k in data.keys], device=self.dims.device)
+        images = [data.images[i] for i in first] if data.images is not None else None
         with torch.no_grad():
-            prefix_cond = self.policy.encode(distinct, model=self.model)
+            prefix_cond = self.policy.encode([data.prompts[i] for i in first], images=images, model=self.model)
         x0 = self._initial_latents(distinct, epoch, round_index)
         return sample_branched_trajectory(self.policy, module, cond, prefix_cond, x0, member_of, sigmas, levels,
                                           window, s.sde_type, s.guidance_scale, **common)
@@ -126,16 +138,15 @@ class OnlineAlgorithm:
         with self.rollout_policy() as module:
             for r in range(s.num_batches_per_epoch):
                 window = draw_sde_window(self.window_rng, s.num_steps, s.sde_window_size, tuple(s.sde_window_range))
-                items = [self.dataset[i] for i in next(self.sampler)]
-                prompts = [p for p, _ in items]
-                metadata = [m for _, m in items]
+                data = self.next_batch()
                 with torch.no_grad():
-                    cond = self.policy.encode(prompts, model=self.model)
-                traj = self._sample(module, prompts, cond, epoch, r, sigmas, window, bar)
+                    cond = self.policy.encode(data.prompts, images=data.images, model=self.model)
+                traj = self._sample(module, data, cond, epoch, r, sigmas, window, bar)
                 with torch.no_grad():
                     images = self.policy.decode(traj.latents[:, -1])
-                pending = self.reward_fn.submit(images, prompts, metadata)
-                batches.append(RolloutBatch(prompts, metadata, cond, traj, images, pending))
+                pending = self.reward_fn.submit(images, data.prompts, data.metadata, ref_images=data.images)
+                batches.append(RolloutBatch(data.prompts, data.metadata, data.keys, data.images, cond, traj, images,
+                                            pending))
         bar.close()
         for b in batches:
             b.rewards = {k: v.to(self.dims.device) for k, v in b.pending_rewards.result().items()}
@@ -151,12 +162,13 @@ class OnlineAlgorithm:
             scalars[f"reward/{key}_mean"] = masked_mean(gathered[key])  # GenEval's per-task keys hold -10 entries
         for key in ["avg", *self.cfg.reward.fns]:
             scalars[f"reward/{key}_std"] = gathered[key].std(unbiased=False).item()
-        mine = [p for b in batches for p in b.prompts]
-        all_prompts = [p for rank_prompts in all_gather_object(mine) for p in rank_prompts]
+        mine = [(p, k) for b in batches for p, k in zip(b.prompts, b.keys)]
+        everyone = [item for rank_items in all_gather_object(mine) for item in rank_items]
+        all_prompts, all_keys = [p for p, _ in everyone], [k for _, k in everyone]
         adv, stats = compute_advantages(
-            gathered["avg"].cpu(), all_prompts, rl.global_std, rl.per_prompt_stat_tracking, self.advantage_mode
+            gathered["avg"].cpu(), all_keys, rl.global_std, rl.per_prompt_stat_tracking, self.advantage_mode
         )
-        self.epoch_view = GroupAdvantages(adv, all_prompts)
+        self.epoch_view = GroupAdvantages(adv, all_prompts, all_keys)
         local = adv.view(self.dims.world_size, -1)[self.dims.rank].to(self.dims.device)
         for b, chunk in zip(batches, local.split([len(b.prompts) for b in batches])):
             b.advantages = chunk

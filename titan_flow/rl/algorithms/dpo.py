@@ -26,15 +26,16 @@ from titan_flow.rl.algorithms.flow_matching import FlowMatchingAlgorithm
 from titan_flow.rl.rollout import trained_steps
 
 
-def preference_pairs(advantages: torch.Tensor, prompts: list[str]) -> list[tuple[int, int]]:
-    """(winner, loser) global indices per group, in order of the groups' first appearance."""
+def preference_pairs(advantages: torch.Tensor, keys: list[str]) -> list[tuple[int, int]]:
+    """(winner, loser) global indices per group (images sharing a group key), in order of the groups' first
+    appearance."""
     winners, losers = {}, {}
-    for i, (a, p) in enumerate(zip(advantages.tolist(), prompts)):
+    for i, (a, k) in enumerate(zip(advantages.tolist(), keys)):
         if a > 0:
-            winners[p] = i
+            winners[k] = i
         elif a < 0:
-            losers[p] = i
-    return [(winners[p], losers[p]) for p in dict.fromkeys(prompts) if p in winners]
+            losers[k] = i
+    return [(winners[k], losers[k]) for k in dict.fromkeys(keys) if k in winners]
 
 
 class FlowDPO(FlowMatchingAlgorithm):
@@ -43,7 +44,7 @@ class FlowDPO(FlowMatchingAlgorithm):
     def my_pairs(self, epoch: int) -> tuple[list[tuple[int, int]], int]:
         """This rank's pairs (padded to an equal share per rank and batch) and the global pair count."""
         view = self.epoch_view
-        pairs = preference_pairs(view.advantages, view.prompts)
+        pairs = preference_pairs(view.advantages, view.keys)
         if not pairs:
             return [], 0
         unit = self.dims.world_size * self.cfg.sampling.num_batches_per_epoch
@@ -59,6 +60,11 @@ class FlowDPO(FlowMatchingAlgorithm):
         ga = cfg.training.gradient_accumulation_steps
         n_b = cfg.sampling.num_batches_per_epoch
         draws = len(trained_steps(cfg.sampling.num_steps, rl.timestep_fraction, None))
+        if any(b.source_images is not None for b in batches):
+            raise NotImplementedError(
+                f"rl.algorithm = {rl.algorithm!r} pairs images sampled on any rank and re-encodes their prompts, but an "
+                "edit dataset's source images stay on the rank that loaded them; train editing with grpo or sft"
+            )
         finals = all_gather_tensor(torch.cat([b.trajectory.latents[:, -1] for b in batches]))
         pairs, num_pairs = self.my_pairs(epoch)
         chunks = [pairs[i::n_b] for i in range(n_b)] if pairs else []  # no pairs on any rank: nothing to train
