@@ -82,9 +82,14 @@ class Sampling:
 @dataclass
 class RL:
     algorithm: str = choices(
-        "grpo", "grpo", "dpo", "online_dpo", "sft", "online_sft",
+        "grpo", "grpo", "dpo", "online_dpo", "sft", "online_sft", "supervised",
         help="grpo (Flow-GRPO, -Fast, GRPO-Guard); dpo / sft: rollouts from the frozen initial policy; "
-        "online_dpo / online_sft: that reference policy follows the trained one (rl.ref_update_interval)",
+        "online_dpo / online_sft: that reference policy follows the trained one (rl.ref_update_interval); "
+        "supervised: offline flow matching on data.path's (prompt, image) records (pretraining, SFT before RL)",
+    )
+    caption_dropout: float = doc(
+        0.0, "supervised: probability that a caption is replaced by sampling.negative_prompt, so CFG has an "
+        "unconditional model to sample with",
     )
     clip_range: float = doc(1e-4, "PPO clip range epsilon")
     adv_clip_max: float = doc(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
