@@ -24,6 +24,7 @@ from titan_flow.checkpoint.manager import load_model_weights
 from titan_flow.config import build_job_config
 from titan_flow.distributed.utils import destroy_distributed, init_distributed
 from titan_flow.export import run_config
+from titan_flow.metrics import image_grid
 from titan_flow.rewards.registry import to_uint8
 from titan_flow.rl.rollout import generate_images, step_noise_levels
 from titan_flow.train import build_model, build_policy
@@ -48,6 +49,8 @@ def parse_args(argv):
     p.add_argument("--resolution", type=int, help="image size (default: the run's, or the pipeline's)")
     p.add_argument("--max_sequence_length", type=int, help="text tokens (default: the run's, or the pipeline's)")
     p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--grid", help="also write every image in one PNG grid, each captioned with its prompt, to this file")
+    p.add_argument("--grid_columns", type=int, default=6, help="images per row of --grid")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p.parse_args(argv)
 
@@ -98,14 +101,19 @@ def main(argv=None) -> int:
         steps = cfg.eval.num_steps
         sigmas = policy.sigmas(steps)
         levels = step_noise_levels(steps, args.noise_level, None)
+        every = []
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
             images = generate_images(policy, model, batch, generator, sigmas, levels, args.sde_type, cfg.eval.guidance_scale,
                                      generator)
+            every.append(images.cpu())
             for i, (prompt, img) in enumerate(zip(batch, to_uint8(images))):
                 path = out / f"{start + i:04d}_{slug(prompt)}.png"
                 Image.fromarray(img).save(path)
                 print(path)
+        if args.grid:
+            Image.fromarray(image_grid(torch.cat(every), prompts, cols=args.grid_columns)).save(args.grid)
+            print(args.grid)
     finally:
         destroy_distributed()
     return 0
