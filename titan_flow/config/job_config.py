@@ -258,7 +258,10 @@ class Eval:
     guidance_scale: float | None = doc(None, "CFG scale during eval" + AUTO)
     batch_size: int = doc(8, "prompts per rank per eval batch")
     max_prompts: int = doc(0, "evaluate on at most this many test prompts (0 = all)")
-    at_end: bool = doc(False, "also evaluate the final weights after the last epoch (logged at step training.steps)")
+    at_end: bool = doc(
+        False, "also evaluate the final weights after the last epoch (logged at step training.steps; works with "
+        "eval.freq = 0, and with training.steps = 0 it evaluates the initial weights)",
+    )
 
 
 @dataclass
