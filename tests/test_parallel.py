@@ -42,7 +42,7 @@ from titan_flow.rl.sde import sde_step
 from titan_flow.train import build_model, build_policy
 
 out_file, variants = sys.argv[1], json.loads(sys.argv[2])
-BASE = ["--model.resolution", "64", "--model.max_sequence_length", "16", "--sampling.num_steps", "4",
+BASE = ["--model.pretrained_path", "", "--model.resolution", "64", "--model.max_sequence_length", "16", "--sampling.num_steps", "4",
         "--training.kernel_backend", "torch", "--sampling.noise_level", "1.0"]
 N = %(batch)d
 cfg = build_job_config(BASE)

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if resume is not None:
             ckpt.load(resume)
 
-    test_set = build_dataset(cfg, cfg.data.test_split) if cfg.eval.freq > 0 or cfg.eval.at_end else None
+    test_set = build_dataset(cfg, cfg.data.test_split) if cfg.eval.freq > 0 else None
     n_trained, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     logger.info("training %s of %s parameters for %d epochs; outputs in %s", f"{n_trained:,}", f"{n_total:,}",
                 cfg.training.steps, out)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for epoch in range(train_state.epoch, cfg.training.steps):
-            if test_set is not None and cfg.eval.freq > 0 and epoch % cfg.eval.freq == 0:
+            if test_set is not None and epoch % cfg.eval.freq == 0:
                 run_eval(epoch)
             t0 = time.perf_counter()
             result = algo.run_epoch(epoch)

@@ -5,9 +5,9 @@
 
 Every algorithm starts from the shipped shapes model and runs the embedded default job (the shapes
 GRPO demo: its prompts, reward, rollout batch and eval set) for the same number of epochs, i.e. the
-same number of sampled images, with only its own settings changed (below). The base model is
-evaluated once (a 0-epoch run of the same job), each trained model once at its end (EMA weights,
-ODE, the held-out eval set), and the table gives the overall strict accuracy before and after, the
+same number of sampled images, with only its own settings changed (below). Each run evaluates the
+shipped model before its first epoch (the same weights and seeds for every run, so the same figure)
+and its EMA weights after the last (ODE, the held-out eval set), and the table gives the overall strict accuracy before and after, the
 gain, the training wall time (the trainer's per-epoch step times: rollout, rewards and updates,
 without start-up and eval) and the gain per minute of it. Extra `--section.key value` options apply
 to every run (e.g. `--training.steps` is set by --epochs; `--optimizer.lr 1e-4`).
@@ -59,7 +59,7 @@ def train(out: Path, name: str, nproc: int, epochs: int, extra: list[str]) -> li
     """One run of the default job under torchrun; its metrics.jsonl records."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "titan_flow.train", "--job.output_dir", str(out), "--job.run_name", name,
-           "--training.steps", str(epochs), "--eval.freq", "0", "--eval.at_end", "true",
+           "--training.steps", str(epochs), "--eval.freq", str(epochs), "--eval.at_end", "true",
            "--checkpoint.enable", "false", "--metrics.image_log_freq", "0", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log = out / f"{name}.log"
@@ -71,8 +71,10 @@ def train(out: Path, name: str, nproc: int, epochs: int, extra: list[str]) -> li
     return [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
 
 
-def final_eval(metrics: list[dict]) -> dict:
-    return next(m for m in reversed(metrics) if STRICT in m)
+def evals(metrics: list[dict]) -> tuple[dict, dict]:
+    """(the eval before the first epoch, the eval after the last)."""
+    found = [m for m in metrics if STRICT in m]
+    return found[0], found[-1]
 
 
 def table(rows: list[dict], base: float, epochs: int, nproc: int) -> str:
@@ -89,14 +91,17 @@ def table(rows: list[dict], base: float, epochs: int, nproc: int) -> str:
 def main(argv=None) -> int:
     args, names, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
-    base_metrics = train(out, "base", args.nproc, 0, overrides)
-    base = final_eval(base_metrics)
-    print(f"[bench] base model: overall strict {base[STRICT]:.3f}", flush=True)
-    rows = []
+    rows, base = [], None
     for name in names:
         what, settings = ALGORITHMS[name]
         metrics = train(out, name, args.nproc, args.epochs, [*overrides, *settings])
-        after = final_eval(metrics)
+        before, after = evals(metrics)
+        if base is None:
+            base = before
+            print(f"[bench] base model: overall strict {base[STRICT]:.3f}", flush=True)
+        elif before[STRICT] != base[STRICT]:
+            raise SystemExit(f"bench: the {name} run's base eval {before[STRICT]} differs from the first run's "
+                             f"{base[STRICT]}: the runs do not start from the same weights and eval")
         minutes = sum(m["perf/step_s"] for m in metrics if "perf/step_s" in m) / 60
         row = {"name": name, "what": what, "settings": settings, "before": base[STRICT], "after": after[STRICT],
                "gain": after[STRICT] - base[STRICT], "minutes": minutes,

@@ -1,7 +1,10 @@
 """The job configuration: one dataclass per TOML section, every field typed and defaulted.
 
-The defaults are the embedded debug job (a tiny random-init SD3 on the CPU, JPEG reward, on-policy
-updates); the recipes in train_configs/ set the reference's values for real models. Allowed values
+The defaults are the embedded demo job: Flow-GRPO from the 2.3 M-parameter shapes model shipped in the
+package, on the shapes world's prompts and reward, two CPU processes (train_configs/shapes_grpo.toml
+spells it out). The recipes in train_configs/ set the reference's values for real models, and
+train_configs/debug_cpu.toml the tiny random-init plumbing job the tests use (the defaults before the
+demo: only the model, the data, the reward, the run's length and the final eval differ). Allowed values
 for string fields are declared next to the field with `choices(...)`, so validation and the error
 messages come from the same place as the definition.
 """
@@ -9,6 +12,10 @@ messages come from the same place as the definition.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+# The shapes model and prompt sets shipped inside the package (titan_flow/assets/shapes/): the demo's defaults.
+SHAPES_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "shapes"
 
 
 # Fields whose right value depends on the weights are "auto" (None) until config.manager fills them from
@@ -33,7 +40,7 @@ def doc(default, help: str, **kw):
 @dataclass
 class Job:
     config_file: str = doc("", "TOML file this job was loaded from")
-    run_name: str = doc("debug_cpu", "name of the run; outputs go to <output_dir>/<run_name>")
+    run_name: str = doc("shapes_grpo", "name of the run; outputs go to <output_dir>/<run_name>")
     output_dir: str = doc("outputs", "root folder for all runs")
     seed: int = doc(42, "global seed; each rank derives its own streams from it")
     description: str = doc("", "free text shown in the logs")
@@ -43,7 +50,11 @@ class Job:
 class Model:
     name: str = choices("sd3", "sd3", "flux", "qwen_image", "bagel", help="model family")
     flavor: str = doc("debug", "named hyper-parameter set from the family's args.py (used when pretrained_path is empty)")
-    pretrained_path: str = doc("", "local diffusers pipeline directory (or the family's native directory); empty = random-init flavor")
+    pretrained_path: str = doc(
+        str(SHAPES_ASSETS / "model"),
+        "local diffusers pipeline directory (or the family's native directory); empty = random-init flavor; "
+        "default: the shapes model shipped in the package",
+    )
     dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the trained (master) weights")
     compute_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the forward pass (FSDP mixed-precision param dtype)")
     encoder_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of frozen text encoders")
@@ -145,7 +156,7 @@ class Optimizer:
 
 @dataclass
 class Training:
-    steps: int = doc(100, "RL epochs to run (one epoch = rollout of n_b batches + its optimizer updates)")
+    steps: int = doc(400, "RL epochs to run (one epoch = rollout of n_b batches + its optimizer updates)")
     gradient_accumulation_steps: int = doc(1, "training batches per optimizer update")
     ema: bool = doc(True, "keep an EMA of the trained weights (used for eval and export)")
     ema_update_interval: int = doc(8, "EMA is updated every this many optimizer steps (reference: 8)")
@@ -217,7 +228,7 @@ class Metrics:
 
 @dataclass
 class Reward:
-    fns: dict = doc(lambda: {"jpeg_compressibility": 1.0}, "reward name -> weight (weight 0 = logged only)")
+    fns: dict = doc(lambda: {"shapes_geneval": 1.0}, "reward name -> weight (weight 0 = logged only)")
     model_paths: dict = doc(dict, "reward name -> local model directory or file")
     device: str = doc("", "device of the reward models (empty = the trainer's device)")
     urls: dict = doc(
@@ -237,7 +248,11 @@ class Reward:
 
 @dataclass
 class Data:
-    path: str = doc("", "dataset folder (with train.txt/test.txt or *_metadata.jsonl); empty = built-in debug prompts")
+    path: str = doc(
+        str(SHAPES_ASSETS / "prompts"),
+        "dataset folder (with train.txt/test.txt or *_metadata.jsonl); empty = built-in debug prompts; default: "
+        "the shapes world's training and held-out prompts shipped in the package",
+    )
     format: str = choices("auto", "auto", "text", "geneval", help="auto = jsonl -> geneval, txt -> text")
     train_split: str = doc("train", "split used for training")
     image_key: str = doc(
@@ -253,14 +268,14 @@ class Data:
 
 @dataclass
 class Eval:
-    freq: int = doc(25, "evaluate every this many epochs (0 = never)")
+    freq: int = doc(100, "evaluate every this many epochs (0 = never)")
     num_steps: int | None = doc(None, "ODE steps during eval (the reference: 40 for SD3)" + AUTO)
     guidance_scale: float | None = doc(None, "CFG scale during eval" + AUTO)
     batch_size: int = doc(8, "prompts per rank per eval batch")
     max_prompts: int = doc(0, "evaluate on at most this many test prompts (0 = all)")
     at_end: bool = doc(
-        False, "also evaluate the final weights after the last epoch (logged at step training.steps; works with "
-        "eval.freq = 0, and with training.steps = 0 it evaluates the initial weights)",
+        True, "with eval.freq > 0, also evaluate the final weights after the last epoch (logged at step "
+        "training.steps; with training.steps = 0 that is the initial weights)",
     )
 
 
