@@ -94,13 +94,14 @@ def test_datasets_are_reproducible_and_the_geneval_loader_reads_them(tmp_path):
     assert (a / "train_metadata.jsonl").read_text() == (b / "train_metadata.jsonl").read_text()
     assert (a / "images" / "0000011.png").read_bytes() == (b / "images" / "0000011.png").read_bytes()
     train = load_prompt_dataset(str(a), "train")
-    assert len(train) == 12 and train[0][1]["image"] == "images/0000000.png"
+    assert len(train) == 12 and train[0].metadata["image"] == "images/0000000.png"
+    assert train[0].image.shape == (3, 32, 32)  # the loader reads the picture the record names
     test = load_prompt_dataset(str(a), "test")
-    assert len(test) == 2 * len(TASKS) and all("image" not in m for _, m in test)
+    assert len(test) == 2 * len(TASKS) and all(r.image is None for r in test)
 
     prompts = write_prompt_sets(tmp_path / "prompts", per_task=3)
     rl_train = load_prompt_dataset(str(prompts), "train")
-    assert [p for p, _ in rl_train] == [r["prompt"] for r in split_prompts()[0]]
+    assert [r.prompt for r in rl_train] == [r["prompt"] for r in split_prompts()[0]]
     assert len(load_prompt_dataset(str(prompts), "test")) == 3 * len(TASKS)
     assert json.loads((prompts / "test_metadata.jsonl").read_text().splitlines()[0])["tag"] == TASKS[0]
 
