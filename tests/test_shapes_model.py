@@ -19,7 +19,7 @@ SPEC = get_model_spec("sd3")
 
 @pytest.fixture(scope="module")
 def pipe():
-    return SD3Pipeline.load("", device="cpu", resolution=32, max_sequence_length=8, flavor="shapes")
+    return SD3Pipeline.load("", device="cpu", resolution=16, max_sequence_length=8, flavor="shapes")
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,11 @@ def shapes_dir(tmp_path_factory):
 
 def test_the_flavor_is_a_small_pixel_space_mmdit(pipe):
     model = SPEC.build("shapes")
-    assert sum(p.numel() for p in model.parameters()) == 2_279_728
-    assert isinstance(pipe, ShapesPipeline) and pipe.latent_shape == (3, 32, 32)
+    assert sum(p.numel() for p in model.parameters()) == 2_270_476
+    assert isinstance(pipe, ShapesPipeline) and pipe.latent_shape == (3, 16, 16)
     x = pipe.initial_noise(2, torch.Generator().manual_seed(0))
     v = pipe.velocity(model, x, torch.full((2,), 0.5), pipe.encode(["a red circle", "two squares"]), 4.5)
-    assert v.shape == (2, 3, 32, 32) and torch.isfinite(v).all()
+    assert v.shape == (2, 3, 16, 16) and torch.isfinite(v).all()
 
 
 def test_text_is_one_hot_words_and_positions_with_a_bag_of_words_pooled(pipe):
@@ -66,9 +66,9 @@ def test_unknown_words_and_long_prompts_are_refused(pipe):
 
 
 def test_pixels_are_the_latent(pipe):
-    images = torch.rand(3, 3, 32, 32)
+    images = torch.rand(3, 3, 16, 16)
     assert torch.allclose(pipe.decode(pipe.to_latents(images)), images, atol=1e-6)
-    assert pipe.decode(torch.full((1, 3, 32, 32), 5.0)).max() == 1  # clamped like a VAE decode
+    assert pipe.decode(torch.full((1, 3, 16, 16), 5.0)).max() == 1  # clamped like a VAE decode
 
 
 def test_a_saved_directory_loads_through_the_sd3_paths(shapes_dir):
@@ -78,24 +78,24 @@ def test_a_saved_directory_loads_through_the_sd3_paths(shapes_dir):
     loaded = SPEC.from_pretrained(root)
     assert loaded.args == model.args
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
-    pipe = SD3Pipeline.load(str(root), device="cpu", resolution=32, max_sequence_length=8)
+    pipe = SD3Pipeline.load(str(root), device="cpu", resolution=16, max_sequence_length=8)
     assert isinstance(pipe, ShapesPipeline) and pipe.shift == DEFAULTS["shift"]
     # the job config's "auto" fields come from the directory's model_index.json
     cfg = build_job_config(["--model.pretrained_path", str(root)])
-    assert (cfg.model.resolution, cfg.model.max_sequence_length) == (32, 8)
+    assert (cfg.model.resolution, cfg.model.max_sequence_length) == (16, 8)
     assert (cfg.eval.num_steps, cfg.eval.guidance_scale) == (DEFAULTS["num_inference_steps"], DEFAULTS["guidance_scale"])
 
 
 def test_load_errors_name_the_problem(tmp_path, shapes_dir):
-    with pytest.raises(ValueError, match="model.resolution: 64 must be a positive multiple of the patch size 4 and at most 32"):
-        SD3Pipeline.load("", device="cpu", resolution=64, max_sequence_length=8, flavor="shapes")
+    with pytest.raises(ValueError, match="model.resolution: 18 must be a positive multiple of the patch size 2 and at most 16"):
+        SD3Pipeline.load("", device="cpu", resolution=18, max_sequence_length=8, flavor="shapes")
     with pytest.raises(ValueError, match="do not fit the backbone's text width 32"):
-        SD3Pipeline.load("", device="cpu", resolution=32, max_sequence_length=16, flavor="shapes")
+        SD3Pipeline.load("", device="cpu", resolution=16, max_sequence_length=16, flavor="shapes")
     with pytest.raises(FileNotFoundError, match="is not a shapes pipeline directory"):
         ShapesPipeline.load(str(tmp_path), device="cpu")
     root, _ = shapes_dir
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "model_index.json").write_text(json.dumps({"_class_name": "ShapesPipeline", "resolution": 32}))
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "ShapesPipeline", "resolution": 16}))
     with pytest.raises(ConfigError, match="missing"):
         build_job_config(["--model.pretrained_path", str(broken)])

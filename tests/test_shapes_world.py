@@ -82,10 +82,10 @@ def test_scenes_satisfy_their_prompt_and_fit(tmp_path):
         got = sorted((s.kind, s.color if any("color" in i for i in meta["include"]) else None) for s in shapes)
         assert got == wanted, meta["prompt"]
         boxes = [s.box for s in shapes]
-        assert all(0 <= b[0] and b[2] <= 32 and 0 <= b[1] and b[3] <= 32 for b in boxes)
-        for i, a in enumerate(boxes):  # at least 2 empty pixels between any two boxes
+        assert all(0 <= b[0] and b[2] <= 16 and 0 <= b[1] and b[3] <= 16 for b in boxes)
+        for i, a in enumerate(boxes):  # an empty pixel between any two boxes: objects never touch
             for b in boxes[i + 1:]:
-                assert a[0] >= b[2] + 2 or b[0] >= a[2] + 2 or a[1] >= b[3] + 2 or b[1] >= a[3] + 2
+                assert a[0] >= b[2] + 1 or b[0] >= a[2] + 1 or a[1] >= b[3] + 1 or b[1] >= a[3] + 1
 
 
 def test_datasets_are_reproducible_and_the_geneval_loader_reads_them(tmp_path):
@@ -95,7 +95,7 @@ def test_datasets_are_reproducible_and_the_geneval_loader_reads_them(tmp_path):
     assert (a / "images" / "0000011.png").read_bytes() == (b / "images" / "0000011.png").read_bytes()
     train = load_prompt_dataset(str(a), "train")
     assert len(train) == 12 and train[0].metadata["image"] == "images/0000000.png"
-    assert train[0].image.shape == (3, 32, 32)  # the loader reads the picture the record names
+    assert train[0].image.shape == (3, 16, 16)  # the loader reads the picture the record names
     test = load_prompt_dataset(str(a), "test")
     assert len(test) == 2 * len(TASKS) and all(r.image is None for r in test)
 
@@ -124,41 +124,46 @@ def test_ground_truth_renders_score_full_marks_on_every_key():
 
 
 def test_detections_carry_class_colour_and_box():
-    picture = render([Shape("triangle", "yellow", 2, 3, 10), Shape("circle", "blue", 20, 20, 9)])
+    picture = render([Shape("triangle", "yellow", 0, 1, 7), Shape("circle", "blue", 8, 8, 7)])
     (found,) = detect(picture[None])
-    # equally confident: the larger first (the 9-pixel circle covers 69 pixels, the 10-pixel triangle 60)
+    # equally confident: the larger first (the circle covers 37 pixels, the triangle 31)
     assert [(d.kind, d.color, d.box, d.confidence, d.area) for d in found] == [
-        ("circle", "blue", (20, 20, 29, 29), 1.0, 69), ("triangle", "yellow", (2, 3, 12, 13), 1.0, 60)]
+        ("circle", "blue", (8, 8, 15, 15), 1.0, 37), ("triangle", "yellow", (0, 1, 7, 8), 1.0, 31)]
 
 
 # Wrong renders, each with (strict, partial score, standard GenEval accuracy) by the reward server's rules.
+# Objects are 7 pixels wide; the canvas holds four, at the corners A B / C D.
+A, B, C, D = (0, 0), (9, 0), (0, 9), (9, 9)
+
+
+def at(kind: str, color: str, corner: tuple[int, int]) -> Shape:
+    return Shape(kind, color, *corner, 7)
+
+
 WRONG = [
     # count too low: partial 1 - |3 - 2| / 3; standard needs >= 3
-    ("three circles", [Shape("circle", "red", 2, 2, 9), Shape("circle", "blue", 18, 2, 9)], (0, 2 / 3, 0)),
+    ("three circles", [at("circle", "red", A), at("circle", "blue", D)], (0, 2 / 3, 0)),
     # count too high: partial 1 - 1/3; standard finds >= 3 but the exclude item (4 circles) fails it
-    ("three circles", [Shape("circle", "red", x, y, 9) for x in (2, 18) for y in (2, 18)], (0, 2 / 3, 0)),
-    # more than twice too many: 1 - |2 - 5| / 2 = -0.5, as the server
-    ("two squares", [Shape("square", "red", x, y, 8) for x, y in ((1, 1), (12, 1), (23, 1), (1, 12), (12, 12))],
-     (0, -0.5, 0)),
+    ("three circles", [at("circle", "red", c) for c in (A, B, C, D)], (0, 2 / 3, 0)),
+    # more than twice too many: 1 - |1 - 3| / 1 = -1, as the server; standard: 3 >= 2 circles are excluded
+    ("a circle", [at("circle", "red", c) for c in (A, B, D)], (0, -1.0, 0)),
     # wrong colour: [count 1, colour 0]
-    ("a red circle", [Shape("circle", "blue", 10, 10, 10)], (0, 0.5, 0)),
-    # colour attribution swapped on one object: [1, 1, 1, 0]
-    ("a red circle and a blue square", [Shape("circle", "red", 2, 2, 10), Shape("square", "green", 18, 18, 10)],
-     (0, 0.75, 0)),
+    ("a red circle", [at("circle", "blue", D)], (0, 0.5, 0)),
+    # colour attribution wrong on one object: [1, 1, 1, 0]
+    ("a red circle and a blue square", [at("circle", "red", A), at("square", "green", D)], (0, 0.75, 0)),
     # one object missing: circle [0, 0 (its colour)], square [1, 1]
-    ("a red circle and a blue square", [Shape("square", "blue", 18, 18, 10)], (0, 0.5, 0)),
+    ("a red circle and a blue square", [at("square", "blue", D)], (0, 0.5, 0)),
     # relation reversed: [1, 1, 0] (the server would append an extra 1.0 here: 0.75)
-    ("a triangle left of a circle", [Shape("circle", "red", 2, 10, 10), Shape("triangle", "red", 20, 10, 10)],
-     (0, 2 / 3, 0)),
+    ("a triangle left of a circle", [at("circle", "red", A), at("triangle", "red", B)], (0, 2 / 3, 0)),
     # the referred object is missing: circle [0], triangle [1, 0 (no target)]
-    ("a triangle left of a circle", [Shape("triangle", "green", 2, 10, 10)], (0, 1 / 3, 0)),
+    ("a triangle left of a circle", [at("triangle", "green", A)], (0, 1 / 3, 0)),
     # an extra object of another class: strict rules ignore it, standard has no exclude for it
-    ("a circle", [Shape("circle", "red", 2, 2, 10), Shape("square", "red", 18, 18, 10)], (1, 1.0, 1)),
+    ("a circle", [at("circle", "red", A), at("square", "red", D)], (1, 1.0, 1)),
     # an extra circle: strict counts exactly (partial [0, 1]); standard asks for at least one
-    ("a circle and a square", [Shape("circle", "red", 2, 2, 9), Shape("circle", "red", 2, 18, 9),
-                               Shape("square", "red", 18, 18, 9)], (0, 0.5, 1)),
+    ("a circle and a square", [at("circle", "red", A), at("circle", "red", C), at("square", "red", D)],
+     (0, 0.5, 1)),
     # the wrong shape: a square asked, a circle drawn
-    ("a square", [Shape("circle", "green", 10, 10, 12)], (0, 0.0, 0)),
+    ("a square", [at("circle", "green", B)], (0, 0.0, 0)),
 ]
 
 
@@ -174,19 +179,19 @@ def test_wrong_renders_get_the_servers_scores(prompt, shapes, expected):
 def test_blank_and_noise_pictures_score_zero():
     metas = [m for m in all_prompts() if m["tag"] in TASKS][::3]
     n = len(metas)
-    blank = np.zeros((n, 32, 32, 3), dtype=np.uint8)
-    noise = np.random.default_rng(0).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    blank = np.zeros((n, 16, 16, 3), dtype=np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
     for pictures in (blank, noise):
         out = score(list(pictures), metas)
         assert out["strict_accuracy"] == [0.0] * n and out["accuracy"] == [0.0] * n
         assert max(out["score"]) <= 0.0
-    white = np.full((1, 32, 32, 3), 255, dtype=np.uint8)  # a canvas painted over is no object of the world
+    white = np.full((1, 16, 16, 3), 255, dtype=np.uint8)  # a canvas painted over is no object of the world
     assert score(list(white), [record("a yellow square")])["strict_accuracy"] == [0.0]
 
 
 def test_training_mode_drops_the_standard_accuracy():
     meta = record("a blue triangle")
-    out = REWARD(as_images([render([Shape("triangle", "blue", 5, 5, 10)])]), [meta["prompt"]], [meta])
+    out = REWARD(as_images([render([Shape("triangle", "blue", 5, 5, 7)])]), [meta["prompt"]], [meta])
     assert set(out) == {"score", "strict_accuracy", *(f"{t}_strict_accuracy" for t in TASKS)}
 
 
@@ -207,7 +212,7 @@ def test_training_mode_drops_the_standard_accuracy():
 ])
 def test_metadata_it_cannot_score_is_refused(meta, message):
     with pytest.raises(ValueError, match="shapes_geneval cannot score") as info:
-        score([np.zeros((32, 32, 3), np.uint8)], [meta])
+        score([np.zeros((16, 16, 3), np.uint8)], [meta])
     assert message in str(info.value)
 
 

@@ -24,7 +24,7 @@ from titan_flow.train import main as train_main
 
 SHAPES = [
     "--model.name", "sd3", "--model.flavor", "shapes", "--model.pretrained_path", "",
-    "--model.resolution", "32", "--model.max_sequence_length", "8",
+    "--model.resolution", "16", "--model.max_sequence_length", "8",
     "--sampling.num_steps", "4", "--sampling.guidance_scale", "4.5", "--sampling.num_image_per_prompt", "1",
     "--sampling.batch_size", "8", "--sampling.num_batches_per_epoch", "3",
     "--rl.algorithm", "supervised", "--rl.caption_dropout", "0.25", "--optimizer.lr", "1e-3",
@@ -94,8 +94,8 @@ def test_bad_data_and_settings_fail_naming_the_field(data, tmp_path):
     prompts_only = write_prompt_sets(tmp_path / "prompts", per_task=1)
     with pytest.raises(ValueError, match="needs an image path in the 'image' field"):
         run(tmp_path, "no_images", prompts_only, "--eval.freq", "0", steps=1)
-    with pytest.raises(ValueError, match=r"the model trains at model.resolution = 16; resize the dataset to 16 x 16"):
-        run(tmp_path, "wrong_size", data, "--model.resolution", "16", "--eval.freq", "0", steps=1)
+    with pytest.raises(ValueError, match=r"the model trains at model.resolution = 8; resize the dataset to 8 x 8"):
+        run(tmp_path, "wrong_size", data, "--model.resolution", "8", "--eval.freq", "0", steps=1)
 
 
 def test_export_writes_a_shapes_directory_and_evaluate_reproduces_the_runs_eval(runs, data, tmp_path):

@@ -1,6 +1,8 @@
 """The "shapes" world: a compositional text-to-image task small enough to learn and to score on a CPU.
 
-Flat coloured circles, squares and triangles on a black 32 x 32 canvas, described by prompts in
+Flat coloured circles, squares and triangles of 7 pixels on a black 16 x 16 canvas (small enough for a
+pixel-space model to learn on a CPU, large enough that the three shapes stay distinct), described by
+prompts in
 GenEval's six task families (its tags and metadata schema, so the GenEval prompt loader and the
 per-task breakdown work unchanged):
 
@@ -13,8 +15,8 @@ per-task breakdown work unchanged):
 
 The world is finite (150 prompts), so it is enumerated (`all_prompts`) rather than sampled, and split
 into training and held-out prompts by a fixed rule (`split_prompts`). A scene (`sample_scene`) draws
-sizes, colours the prompt leaves open and non-overlapping places at random, and satisfies the
-prompt exactly: that is the training data (`render`), and what the scorer
+the colours the prompt leaves open and non-touching places at random, and satisfies the prompt
+exactly: that is the training data (`render`), and what the scorer
 (titan_flow/rewards/shapes_geneval.py) must score 100% on. The geometry both sides share (shape
 masks, GenEval's relative-position rule) is defined once here.
 
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-CANVAS = 32  # pixels per side
+CANVAS = 16  # pixels per side
 SHAPES = ("circle", "square", "triangle")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 # Saturated, far apart in RGB (and from the black background), so colour segmentation is unambiguous.
@@ -44,8 +46,8 @@ BACKGROUND = (0, 0, 0)
 NUMBERS = {2: "two", 3: "three", 4: "four"}  # GenEval's counting range
 RELATIONS = ("left of", "right of", "above", "below")
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # GenEval's tags
-MIN_SIZE, MAX_SIZE = 8, 12  # side of an object's square bounding box, pixels
-GAP = 2  # minimum empty pixels between two objects' boxes, so objects never touch (also diagonally)
+MIN_SIZE, MAX_SIZE = 7, 7  # side of an object's square bounding box, pixels (four fit on the canvas)
+GAP = 1  # empty pixels between two objects' boxes, so objects never touch (also diagonally)
 POSITION_THRESHOLD = 0.1  # GenEval's: offsets shrink by 0.1 x (sum of the two box sizes) first
 
 
@@ -193,24 +195,23 @@ def _items(meta: dict) -> list[tuple[str, str | None]]:
     return [(item["class"], item.get("color")) for item in meta["include"] for _ in range(item["count"])]
 
 
-def _place(rng: np.random.Generator, sizes: list[int], canvas: int, tries: int = 200):
-    """Top-left corners for boxes of `sizes` with GAP pixels between any two, or None."""
+def _place(rng: np.random.Generator, sizes: list[int], canvas: int):
+    """Top-left corners for boxes of `sizes`, each drawn uniformly among the places that keep GAP pixels
+    from the boxes already placed, or None when one has no place left."""
     corners = []
     for size in sizes:
-        for _ in range(tries):
-            x, y = (int(v) for v in rng.integers(0, canvas - size + 1, size=2))
-            if all(x >= cx + cs + GAP or cx >= x + size + GAP or y >= cy + cs + GAP or cy >= y + size + GAP
-                   for (cx, cy), cs in zip(corners, sizes)):
-                corners.append((x, y))
-                break
-        else:
+        free = [(x, y) for y in range(canvas - size + 1) for x in range(canvas - size + 1)
+                if all(x >= cx + cs + GAP or cx >= x + size + GAP or y >= cy + cs + GAP or cy >= y + size + GAP
+                       for (cx, cy), cs in zip(corners, sizes))]
+        if not free:
             return None
+        corners.append(free[rng.integers(len(free))])
     return corners
 
 
 def sample_scene(meta: dict, rng: np.random.Generator, canvas: int = CANVAS, max_restarts: int = 1000) -> list[Shape]:
     """A random scene that satisfies `meta` exactly: the asked objects and no others, open colours drawn
-    uniformly, sizes in [MIN_SIZE, MAX_SIZE], no two objects within GAP pixels, positions that hold."""
+    uniformly, sizes in [MIN_SIZE, MAX_SIZE], no two objects within GAP pixels, relations that hold."""
     items = _items(meta)
     relations = [(i, item["position"]) for i, item in enumerate(meta["include"]) if "position" in item]
     for _ in range(max_restarts):

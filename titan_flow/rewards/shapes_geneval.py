@@ -39,9 +39,9 @@ from titan_flow.data.shapes import BACKGROUND, CANVAS, COLORS, RELATIONS, SHAPES
 from titan_flow.rewards.multi import NOT_THIS_TAG
 from titan_flow.rewards.registry import Reward, register_reward, scores_tensor, to_uint8
 
-MIN_AREA = 20  # pixels on the 32 x 32 canvas; the smallest drawn object (an 8-pixel triangle) has 40
-MIN_SIDE, MAX_SIDE = 6, 16  # pixels; drawn objects are 8 to 12 wide. Noise specks and a canvas painted over
-# in one colour (a reward hack: "a yellow square" -> all yellow) are not objects
+MIN_AREA = 16  # pixels on the 16 x 16 canvas; the smallest drawn object (the 7-pixel triangle) has 31
+MIN_SIDE, MAX_SIDE = 5, 10  # pixels; drawn objects are 7 wide. Noise specks and a canvas painted over in one
+# colour (a reward hack: "a yellow square" -> all yellow) are not objects
 MIN_CONFIDENCE = 0.6  # IoU of a blob with the ideal shape of its box; a circle and a square overlap 0.785
 MAX_ASPECT = 1.5  # the world's objects have square boxes
 _PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)  # index 0 = background

@@ -1,6 +1,6 @@
 """Pixel-space SD3 for the shapes world (titan_flow/data/shapes.py): the "shapes" flavor's pipeline.
 
-The backbone is our SD3 MMDiT unchanged (flavor "shapes": 32 x 32 RGB pixels as the latent, 4 x 4
+The backbone is our SD3 MMDiT unchanged (flavor "shapes": 16 x 16 RGB pixels as the latent, 2 x 2
 patches, 64 image tokens). What differs from `SD3Pipeline` is only what surrounds it:
 
 * no VAE: the latent is the picture scaled to [-1, 1], so `decode` is x / 2 + 0.5 and every sample is
@@ -40,7 +40,7 @@ PAD = "<pad>"
 # plus one, no time shift at this resolution, the steps/CFG that rollouts and eval sample with, and the
 # learning rate RL fine-tunes all 2.3 M weights at (the reference's 3e-4 is a LoRA rate).
 DEFAULTS = {
-    "resolution": 32,
+    "resolution": 16,
     "max_sequence_length": 8,
     "shift": 1.0,
     "num_inference_steps": 10,
