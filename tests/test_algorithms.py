@@ -1,5 +1,5 @@
 """The algorithm family: GRPO-Guard math, tracker modes, DPO pairing, legacy branched Fast, and every
-algorithm run end to end on the tiny debug SD3 (in-process, one rank, a few seconds each)."""
+algorithm run end to end on the tiny debug SD3 and debug FLUX (in-process, one rank, a few seconds each)."""
 
 import json
 import math
@@ -163,7 +163,7 @@ def test_dpo_pairs_are_padded_and_split_evenly_over_ranks(world):
         algo = FlowDPO.__new__(FlowDPO)
         algo.cfg = build_job_config(["--rl.algorithm", "dpo", "--sampling.num_batches_per_epoch", "2"])
         algo.dims = SimpleNamespace(world_size=world, rank=rank)
-        algo.epoch_view = SimpleNamespace(advantages=adv, prompts=keys)
+        algo.epoch_view = SimpleNamespace(advantages=adv, prompts=keys, keys=keys)
         mine, total = algo.my_pairs(epoch=3)
         assert total == 5
         shares.append(mine)
@@ -231,7 +231,10 @@ def test_branched_fast_shares_the_prefix_and_rescored_window_is_on_policy():
 
 
 # ---------------------------------------------------------------------------------------------
-# Every algorithm end to end on the tiny debug SD3
+# Every algorithm end to end on the tiny debug SD3 and FLUX (FLUX's guidance scale is its distilled
+# guidance embedding: no CFG batch, and DPO/SFT keep it at the sampling value)
+
+MODELS = ["sd3", "flux"]
 
 
 DEBUG_TOML = str(Path(__file__).resolve().parents[1] / "train_configs" / "debug_cpu.toml")
@@ -249,8 +252,8 @@ TINY = [
 ]
 
 
-def train_run(tmp_path, name, *extra, steps=2):
-    assert main([*TINY, "--job.output_dir", str(tmp_path), "--job.run_name", name,
+def train_run(tmp_path, name, *extra, steps=2, model="sd3"):
+    assert main([*TINY, "--model.name", model, "--job.output_dir", str(tmp_path), "--job.run_name", name,
                  "--training.steps", str(steps), *extra]) == 0
     lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
     epochs = [json.loads(line) for line in lines]
@@ -274,9 +277,10 @@ GRPO_VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("variant", sorted(GRPO_VARIANTS))
-def test_grpo_variants_run_on_policy_with_their_metrics(tmp_path, variant):
-    epochs = train_run(tmp_path, variant, *GRPO_VARIANTS[variant])
+def test_grpo_variants_run_on_policy_with_their_metrics(tmp_path, variant, model):
+    epochs = train_run(tmp_path, variant, *GRPO_VARIANTS[variant], model=model)
     for m in epochs:
         # n_b = 1, GA = 1: training re-scores the current policy's own data, the ratio is exactly 1
         assert m["ratio/min"] == 1.0 and m["ratio/max"] == 1.0, (variant, m["step"])
@@ -322,10 +326,11 @@ def test_fast_trains_only_window_steps(tmp_path, monkeypatch):
     assert len(set(windows)) > 1  # rounds draw different windows
 
 
-def test_dpo_offline_and_online_with_lora(tmp_path):
+@pytest.mark.parametrize("model", MODELS)
+def test_dpo_offline_and_online_with_lora(tmp_path, model):
     common = ["--lora.enable", "--lora.rank", "4", "--lora.alpha", "8", "--rl.dpo_beta", "100"]
-    offline = train_run(tmp_path, "dpo", "--rl.algorithm", "dpo", *common)
-    online = train_run(tmp_path, "online_dpo", "--rl.algorithm", "online_dpo", *common)
+    offline = train_run(tmp_path, "dpo", "--rl.algorithm", "dpo", *common, model=model)
+    online = train_run(tmp_path, "online_dpo", "--rl.algorithm", "online_dpo", *common, model=model)
     log2 = math.log(2)
     for run in (offline, online):
         # epoch 0: policy == reference (fresh adapter), so every pair's logit is 0 and the loss is log 2
@@ -351,10 +356,21 @@ def test_online_dpo_full_finetune_syncs_the_frozen_copy(tmp_path):
     assert [m["reference/steps_since_sync"] for m in run] == [1, 2, 1]
 
 
-def test_sft_full_finetune_and_online_sft_lora(tmp_path):
-    sft = train_run(tmp_path, "sft", "--rl.algorithm", "sft", "--rl.beta", "100")
+@pytest.mark.parametrize("model", MODELS)
+def test_sft_full_finetune_and_online_sft_lora(tmp_path, model, monkeypatch):
+    from titan_flow.models.flux.pipeline import FluxPipeline
+    from titan_flow.models.sd3.pipeline import SD3Pipeline
+
+    pipeline_cls = {"sd3": SD3Pipeline, "flux": FluxPipeline}[model]
+    scales, velocity = [], pipeline_cls.velocity
+    monkeypatch.setattr(pipeline_cls, "velocity", lambda self, m, x, sigma, cond, g: (
+        scales.append(g), velocity(self, m, x, sigma, cond, g))[1])
+    sft = train_run(tmp_path, "sft", "--rl.algorithm", "sft", "--rl.beta", "100", model=model)
+    # Rollouts sample with the guidance (4.5); the flow-matching loss runs without CFG, which for SD3 is scale 1
+    # and for FLUX (a distilled guidance embedding, no CFG to drop) the same 4.5 input the rollouts had.
+    assert set(scales) == ({4.5} if model == "flux" else {4.5, 1.0})
     online = train_run(tmp_path, "online_sft", "--rl.algorithm", "online_sft", "--rl.beta", "100",
-                       "--lora.enable", "--lora.rank", "4", "--lora.alpha", "8")
+                       "--lora.enable", "--lora.rank", "4", "--lora.alpha", "8", model=model)
     for run in (sft, online):
         assert run[0]["loss/kl"] == 0.0 and run[1]["loss/kl"] > 0  # KL to the initial model
         # one best image per group of 4 (continuous rewards): a quarter of the samples are fitted

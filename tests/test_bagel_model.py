@@ -17,7 +17,6 @@ from titan_flow.models.bagel.model import (
     Routing,
     TextSplit,
     VitSplit,
-    attention_mask,
     patchify_latents,
     patchify_vit_image,
     unpatchify_latents,
@@ -31,6 +30,7 @@ from titan_flow.models.bagel.state_dict_adapter import (
     save_pretrained,
     to_bagel,
 )
+from titan_flow.models.common.attention import split_mask
 from titan_flow.models.common.rope import apply_rope, rope_cos_sin
 
 ARGS = FLAVORS["debug"]
@@ -93,7 +93,7 @@ def test_latent_patching_is_row_col_channel_order():
 def test_attention_mask_follows_bagel_split_rules():
     # [causal text (2) | noised image (3) | clean image (2)]: text is causal, the noised image sees the
     # text and itself, and nobody else sees the noised image.
-    mask = attention_mask([2, 3, 2], ["causal", "noise", "full"]).int()
+    mask = split_mask([2, 3, 2], ["causal", "noise", "full"]).int()
     expected = torch.tensor([
         [1, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0],
@@ -230,8 +230,10 @@ def test_generation_expert_is_every_moe_gen_weight():
 
 def test_extend_and_denoise_reject_bad_input():
     model = random_model()
-    with pytest.raises(ValueError, match="only text splits or only image splits"):
+    with pytest.raises(ValueError, match=r"got \['LatentSplit', 'TextSplit'\] in one call; pass one kind of split"):
         model.extend(KVCache.empty(2), [0, 1], [text(5), LatentSplit(rand(4, PD), 2, 2)])
+    with pytest.raises(ValueError, match="one kind of split per call"):
+        model.extend(KVCache.empty(2), [0, 1], [VitSplit(rand(4, 12), 2, 2), LatentSplit(rand(4, PD), 2, 2)])
     with pytest.raises(ValueError, match="noised LatentSplit"):
         model.extend(KVCache.empty(1), [0], [LatentSplit(rand(4, PD), 2, 2, 0.5, noised=True)])
     with pytest.raises(ValueError, match="do not fill a 3x3 grid"):

@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,18 +11,20 @@ from safetensors.torch import save_file
 from titan_flow.config import ConfigError, JobConfig
 from titan_flow.models import get_model_spec
 from titan_flow.models.bagel.args import FLAVORS
-from titan_flow.models.bagel.model import Bagel, KVCache, TextSplit, unpatchify_latents
+from titan_flow.models.bagel.model import Bagel, KVCache, LatentSplit, TextSplit, patchify_latents, unpatchify_latents
 from titan_flow.models.bagel.parallelize import parallelize_bagel, select_trainable
 from titan_flow.models.bagel.pipeline import (
     AE_NAME,
     BagelPipeline,
+    bagel_resize,
     byte_level_tokenizer,
     guide,
     load_flux_vae,
     tiny_flux_vae,
 )
 from titan_flow.models.bagel.state_dict_adapter import from_pretrained, save_pretrained
-from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
+from titan_flow.rl.metrics import first_images
+from titan_flow.rl.rollout import generate_images, sample_trajectory, step_noise_levels
 from titan_flow.models.common.schedules import shifted_linear_sigmas
 from titan_flow.rl.sde import sde_step
 
@@ -45,7 +48,13 @@ def pipe():
 
 
 def noise(n, seed=0):
-    return torch.randn(n, 9, ARGS.patch_latent_dim, generator=torch.Generator().manual_seed(seed))
+    """Latents of a batch on the 3 x 3 token grid: (n, 3, 3, 4 * C)."""
+    return torch.randn(n, 3, 3, ARGS.patch_latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def denoise(model, cache, contexts, x, t, grid=(3, 3)):
+    """The backbone's velocity of (n, h, w, D) latents, in the pipeline's layout."""
+    return model.denoise(cache, contexts, x.flatten(1, 2), t, grid).unflatten(1, grid)
 
 
 # --- a Bagel directory on disk ---------------------------------------------------------------------
@@ -135,7 +144,7 @@ def test_group_members_share_one_prompt_context(pipe):
     assert cache.num_contexts == 3  # two distinct prompts and the empty unconditional context
     assert cond["cond_context"].tolist() == [0, 1, 0, 0]
     assert cache.lens[2] == 0 and cache.lens[0] == len(pipe.text_ids("a red cat"))
-    x = noise(1).expand(4, -1, -1)
+    x = noise(1).expand(4, -1, -1, -1)
     v = pipe.velocity(model, x, torch.full((4,), 0.8), cond, 4.0)
     torch.testing.assert_close(v[2], v[0], rtol=0, atol=1e-5)
     assert not torch.allclose(v[1], v[0])
@@ -147,9 +156,9 @@ def test_velocity_is_bagels_cfg_with_per_sample_global_renorm(pipe):
     x, t = noise(2, seed=3), torch.tensor([0.9, 0.9])
     with torch.no_grad():
         v = pipe.velocity(model, x, t, cond, 4.0)
-        v_cond = model.denoise(cond["cache"], [0, 1], x, t, pipe.grid)
-        v_uncond = model.denoise(cond["cache"], [2, 2], x, t, pipe.grid)
-        alone = pipe.velocity(model, x[1:], t[1:], {k: v[1:] if k != "cache" else v for k, v in cond.items()}, 4.0)
+        v_cond = denoise(model, cond["cache"], [0, 1], x, t)
+        v_uncond = denoise(model, cond["cache"], [2, 2], x, t)
+        alone = pipe.velocity(model, x[1:], t[1:], {k: v if k in ("cache", "grid") else v[1:] for k, v in cond.items()}, 4.0)
     guided = v_uncond + 4.0 * (v_cond - v_uncond)
     for i in range(2):  # v' rescaled so its norm never exceeds the conditional velocity's, sample by sample
         scale = min(1.0, (v_cond[i].norm() / guided[i].norm()).item())
@@ -165,7 +174,7 @@ def test_cfg_interval_switches_guidance_per_sample():
     x, t = noise(2, seed=4), torch.tensor([0.9, 0.3])
     with torch.no_grad():
         v = pipe.velocity(model, x, t, cond, 4.0)
-        v_cond = model.denoise(cond["cache"], [0, 1], x, t, pipe.grid)
+        v_cond = denoise(model, cond["cache"], [0, 1], x, t)
     assert not torch.allclose(v[0], v_cond[0])
     torch.testing.assert_close(v[1], v_cond[1], rtol=0, atol=1e-5)  # 0.3 is outside (0.4, 1]
 
@@ -193,30 +202,97 @@ def test_editing_uses_image_text_and_image_only_contexts():
     assert [cache.lens[4], cache.lens[5]] == text_lens
     assert cache.positions[:2] == [2 + n for n in text_lens]  # VAE image and ViT image take one position each
 
-    # The context is [VAE latents | ViT image | text], built split by split.
+    # The context is [VAE latents | ViT image | text], built split by split, from the sources resized as
+    # Bagel does: both fit 48 px on the long side and 24 on the short one in multiples of 16, so 32 x 32.
+    sources = pipe.edit_sources(images)
+    assert [im.size for im in sources] == [(32, 32), (32, 32)] and cond["grid"] == (2, 2)
     with torch.no_grad():
-        manual = model.extend(KVCache.empty(2), [0, 1], pipe._latent_splits(images))
-        manual = model.extend(manual, [0, 1], pipe._vit_splits(model, images))
+        manual = model.extend(KVCache.empty(2), [0, 1], pipe._latent_splits(sources))
+        manual = model.extend(manual, [0, 1], pipe._vit_splits(model, sources))
         manual = model.extend(manual, [0, 1], [TextSplit(pipe.text_ids(p)) for p in prompts])
     assert all(torch.equal(a, b) for a, b in zip(manual.keys, cache.select([0, 1]).keys))
 
-    x, t = noise(2, seed=5), torch.tensor([0.6, 0.6])
+    x, t = pipe.initial_noise(2, torch.Generator().manual_seed(5), cond), torch.tensor([0.6, 0.6])
+    assert x.shape == (2, 2, 2, ARGS.patch_latent_dim)
     with torch.no_grad():
         v = pipe.velocity(model, x, t, cond, 4.0)
-        branches = [model.denoise(cache, ctx, x, t, pipe.grid) for ctx in ([0, 1], [2, 3], [4, 5])]
+        branches = [denoise(model, cache, ctx, x, t, (2, 2)) for ctx in ([0, 1], [2, 3], [4, 5])]
     torch.testing.assert_close(v, guide(*branches, 4.0, 1.5, 0.0), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="got 1 images for 2 prompts"):
         pipe.encode(prompts, images=images[:1], model=model)
 
 
+def test_bagel_resize_is_image_transform_1024_512_16():
+    """Bagel's MaxLongEdgeMinShortEdgeResize, worked by hand: (height, width) in, (height, width) out."""
+    assert bagel_resize(800, 1200, 1024, 512, 16) == (688, 1024)  # long side to 1024; 682.7 -> 683 -> 688
+    assert bagel_resize(300, 200, 1024, 512, 16) == (768, 512)  # the short side up to 512 wins
+    assert bagel_resize(1024, 1024, 1024, 512, 16) == (1024, 1024)
+    # 100 x 5000: the short side to 512 makes 512 x 25600, over the pixel budget (14*14*9*1024): scaled by
+    # 0.1378125 to 64 x 3520 (70.56 -> 71 -> 64; 3528 -> 220.5 -> 220 tokens, half to even), then the long side to 1024
+    assert bagel_resize(100, 5000, 1024, 512, 16) == (16, 1024)
+
+
+def test_editing_generates_at_the_source_aspect_ratio():
+    """A 30 x 50 source at resolution 64 (Bagel's rule at (64, 32, 16)) is edited at 32 x 48: the VAE context is the
+    source resized to 32 x 48, the noise, velocity and decoded edit take that 2 x 3 token grid, and the on-policy
+    ratio is still exactly 1."""
+    model = random_model()
+    pipe = BagelPipeline.load("", device="cpu", resolution=64, image_guidance_scale=1.5)
+    source = torch.rand(3, 30, 50, generator=torch.Generator().manual_seed(3))
+    cond = pipe.encode(["make it blue", "make it blue"], images=[source, source], model=model)
+    assert cond["grid"] == (2, 3)
+
+    resized = Image.fromarray((source * 255).round().byte().permute(1, 2, 0).numpy()).resize((48, 32), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1) * 2 - 1
+    with torch.no_grad():
+        z = pipe.vae.encode(pixels[None]).latent_dist.mean
+        split = LatentSplit(patchify_latents(0.3611 * (z - 0.1159), 2)[0], 2, 3)
+        context = model.extend(KVCache.empty(2), [0, 1], [split, split])
+    images_only = cond["cache"].select([2, 3])  # [VAE image (6 tokens + 2 markers) | ViT image] of each sample
+    assert all(torch.equal(a.view(2, -1, *a.shape[1:])[:, :8], b.view(2, 8, *b.shape[1:]))
+               for a, b in zip(images_only.keys, context.keys))
+
+    gens = [torch.Generator().manual_seed(s) for s in (4, 4)]
+    sigmas, levels = pipe.sigmas(2), step_noise_levels(2, 1.0, (0, 2))
+    images = generate_images(pipe, model, ["make it blue"] * 2, gens, sigmas, levels, "sde", 4.0,
+                             noise_generator=torch.Generator().manual_seed(5), images=[source, source])
+    assert images.shape == (2, 3, 32, 48)
+
+    x0 = pipe.initial_noise(2, torch.Generator().manual_seed(6), cond)
+    assert x0.shape == (2, 2, 3, ARGS.patch_latent_dim)
+    traj = sample_trajectory(pipe, model, cond, x0, sigmas, levels, "sde", 4.0, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        v = pipe.velocity(model, traj.latents[:, 1], sigmas[1].expand(2), cond, 4.0)
+    out = sde_step(v, traj.latents[:, 1], sigmas[1].expand(2), sigmas[2].expand(2), levels[1], "sde",
+                   prev_sample=traj.latents[:, 2], sigma_fallback=sigmas[1])
+    assert torch.equal(out.log_prob, traj.log_probs[:, 1])
+
+    with pytest.raises(ValueError, match="latents on a 4x4 token grid, but the condition was encoded for 2x3"):
+        pipe.velocity(model, pipe.initial_noise(2, torch.Generator()), sigmas[1].expand(2), cond, 4.0)
+    with pytest.raises(ValueError, match=r"sources resize to 32x32, 32x48 \(height x width\).*one group"):
+        pipe.encode(["a", "b"], images=[torch.rand(3, 40, 40), source], model=model)
+
+
+def test_logged_images_of_edits_at_different_shapes_share_one_grid():
+    """Sampling rounds (or eval batches) of edits generated at different source shapes are logged in one grid,
+    each image padded with black to the largest height and width."""
+    a, b = torch.rand(2, 3, 32, 48), torch.rand(2, 3, 48, 32)
+    grid = first_images([a, b], 3)
+    assert grid.shape == (3, 3, 48, 48)
+    assert torch.equal(grid[1, :, :32], a[1]) and torch.equal(grid[2, :, :, :32], b[0])
+    assert grid[1, :, 32:].abs().sum() == 0 and grid[2, :, :, 32:].abs().sum() == 0
+    assert torch.equal(first_images([a, a], 8), torch.cat([a, a]))  # one shape: as before
+
+
 def test_noise_decode_and_sigmas(pipe):
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
     x = pipe.initial_noise(2, gens)
-    assert x.shape == (2, 9, ARGS.patch_latent_dim)
-    assert torch.equal(x[1], torch.randn(9, ARGS.patch_latent_dim, generator=torch.Generator().manual_seed(2)))
+    assert x.shape == (2, 3, 3, ARGS.patch_latent_dim)
+    # the reference's (h*w, 4C) token rows, in the same order
+    assert torch.equal(x[1].flatten(0, 1), torch.randn(9, ARGS.patch_latent_dim, generator=torch.Generator().manual_seed(2)))
     images = pipe.decode(x)
     with torch.no_grad():
-        z = unpatchify_latents(x, 3, 3, 2) / 0.3611 + 0.1159
+        z = unpatchify_latents(x.flatten(1, 2), 3, 3, 2) / 0.3611 + 0.1159
         want = (pipe.vae.decode(z).sample * 0.5 + 0.5).clamp(0, 1)
     assert torch.equal(images, want)
     # Bagel's 15 "timesteps" at shift 3 are 14 steps (flow_grpo_algorithm.md section 1.2).

@@ -74,7 +74,7 @@ def test_shipped_configs_load(path):
 
 
 def test_auto_fields_take_the_debug_values_for_a_random_flavor():
-    cfg = build_job_config(["--model.pretrained_path", ""])
+    cfg = build_job_config([])
     assert (cfg.model.resolution, cfg.model.max_sequence_length) == (64, 16)
     assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale) == (8, 4.5)
     assert (cfg.eval.num_steps, cfg.eval.guidance_scale, cfg.optimizer.lr) == (16, 4.5, 5e-3)

@@ -314,21 +314,26 @@ def test_dispatch_picks_triton_on_cuda_and_the_reference_elsewhere(restore_backe
         kernels.set_backend("cuda")
 
 
-def test_rl_step_with_forced_triton_matches_torch(restore_backend):
-    # the caller in rl/sde.py: per-sample sigmas (the coefficients come from step_coefficients)
+@pytest.mark.parametrize("latent", [(4, 6, 6), (4, 3, 4, 6)], ids=["image", "video"])
+def test_rl_step_with_forced_triton_matches_torch(restore_backend, latent):
+    # the caller in rl/sde.py: per-sample sigmas (the coefficients come from step_coefficients), image
+    # latents (B, C, H, W) and video latents (B, C, F, H, W); d/dv through both backends
     sigmas = torch.tensor([1.0, 0.9601, 0.9133, 0.8577], device=DEVICE)
-    v = torch.randn(3, 4, 6, 6, generator=gen(18)).to(DEVICE)
-    x, x_next = torch.randn(2, 3, 4, 6, 6, generator=gen(19)).to(DEVICE)
+    v = torch.randn(3, *latent, generator=gen(18)).to(DEVICE)
+    x, x_next = torch.randn(2, 3, *latent, generator=gen(19)).to(DEVICE)
     outs = {}
     for name in ("triton", "torch"):
         kernels.set_backend(name)
-        for sde_type in ("sde", "cps"):
-            outs[name, sde_type] = sde_step(v, x, sigmas[:3], sigmas[1:], 0.7, sde_type, prev_sample=x_next,
-                                            sigma_fallback=sigmas[1], v_ref=v.flip(0), mean_old=x, return_mean=True)
-    for sde_type in ("sde", "cps"):
-        for name in ("log_prob", "mean", "kl", "ratio_bias"):
-            a, b = getattr(outs["triton", sde_type], name), getattr(outs["torch", sde_type], name)
-            close(f"sde_step {sde_type} {name}", a, b, *FP32)
+        for sde_type in ("sde", "cps", "wan"):
+            v_in = v.clone().requires_grad_()
+            out = sde_step(v_in, x, sigmas[:3], sigmas[1:], 0.7, sde_type, prev_sample=x_next,
+                           sigma_fallback=sigmas[1], v_ref=v.flip(0), mean_old=x, return_mean=True)
+            (grad_v,) = torch.autograd.grad(out.log_prob.sum() + out.kl.sum() + out.ratio_bias.sum(), v_in)
+            outs[name, sde_type] = {"log_prob": out.log_prob, "mean": out.mean, "kl": out.kl,
+                                    "ratio_bias": out.ratio_bias, "grad_v": grad_v}
+    for sde_type in ("sde", "cps", "wan"):
+        for name, a in outs["triton", sde_type].items():
+            close(f"sde_step {latent} {sde_type} {name}", a.detach(), outs["torch", sde_type][name].detach(), *FP32)
 
 
 def test_kernel_backend_config_field():

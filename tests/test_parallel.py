@@ -41,9 +41,9 @@ from titan_flow.rl.rollout import sample_trajectory, step_noise_levels
 from titan_flow.rl.sde import sde_step
 from titan_flow.train import build_model, build_policy
 
-out_file, variants = sys.argv[1], json.loads(sys.argv[2])
-BASE = ["--model.pretrained_path", "", "--model.resolution", "64", "--model.max_sequence_length", "16", "--sampling.num_steps", "4",
-        "--training.kernel_backend", "torch", "--sampling.noise_level", "1.0"]
+out_file, variants, model_args = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+BASE = ["--model.resolution", "64", "--model.max_sequence_length", "16", "--sampling.num_steps", "4",
+        "--training.kernel_backend", "torch", "--sampling.noise_level", "1.0", *model_args]
 N = %(batch)d
 cfg = build_job_config(BASE)
 dims = init_distributed(cfg)
@@ -132,30 +132,31 @@ VARIANTS = {
         "bf16_reduce": [*BF16, "--parallelism.mixed_precision_reduce", "bfloat16"], "bf16" + DROP_RANK1: BF16},
     4: {"base": [], "ac_full": AC_FULL, "hsdp_2x2": HSDP},
 }
+# The same step on the debug FLUX (double- and single-stream blocks are the FSDP units).
+MODEL_ARGS = {"sd3": [], "flux": ["--model.name", "flux"]}
+FLUX_VARIANTS = {1: {"base": [], "ac_full": AC_FULL}, 2: {"base": [], "ac_full": AC_FULL, "hsdp_2x1": HSDP}}
 
 
-def run_world(nproc: int, variants: dict, out_dir: Path) -> dict:
+def run_world(nproc: int, variants: dict, out_dir: Path, model: str = "sd3") -> dict:
     script = out_dir / "one_step.py"
     script.write_text(SCRIPT)
-    out_file = out_dir / f"ws{nproc}_{'_'.join(variants)}.pt"
+    out_file = out_dir / f"{model}_ws{nproc}_{'_'.join(variants)}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(script), str(out_file), json.dumps(variants)]
+           str(script), str(out_file), json.dumps(variants), json.dumps(MODEL_ARGS[model])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return torch.load(out_file, weights_only=False)
 
 
-def write_random_init_checkpoint(out_dir: Path) -> Path:
+def write_random_init_checkpoint(out_dir: Path, model: str = "sd3") -> Path:
     """The trainer's random init (debug flavor, job seed) saved as a diffusers transformer directory."""
     from titan_flow.config import JobConfig
     from titan_flow.models import get_model_spec
-    from titan_flow.models.sd3.state_dict_adapter import save_diffusers
 
-    spec = get_model_spec("sd3")
+    spec = get_model_spec(model)
     torch.manual_seed(JobConfig().job.seed)
-    model = spec.build("debug")
-    return save_diffusers(model, spec.args("debug"), out_dir / "transformer")
+    return spec.export_fn(spec.build("debug").state_dict(), spec.args("debug"), out_dir / model, "10GB")
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +165,17 @@ def results(tmp_path_factory):
     pretrained = ["--model.pretrained_path", str(write_random_init_checkpoint(out))]
     extra = {1: {"pretrained": pretrained}, 2: {"pretrained": pretrained, "pretrained_hsdp": [*pretrained, *HSDP]}}
     return {w: run_world(w, VARIANTS[w] | extra[w], out) for w in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def flux_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel_flux")
+    pretrained = {"pretrained": ["--model.pretrained_path", str(write_random_init_checkpoint(out, "flux"))]}
+    return {w: run_world(w, FLUX_VARIANTS[w] | pretrained, out, "flux") for w in (1, 2)}
+
+
+def results_of(request, model: str) -> dict:
+    return request.getfixturevalue({"sd3": "results", "flux": "flux_results"}[model])
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -189,15 +201,18 @@ def assert_equivalent(a: dict, b: dict, loss_rtol: float, grad_rtol: float, weig
     assert weight_atol is None or weight_diff <= weight_atol, label
 
 
-def test_one_step_takes_a_real_update(results):
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_one_step_takes_a_real_update(request, model):
     """Guards the comparisons below against a vacuous step: non-zero loss, gradients everywhere, moved weights."""
-    r = results[1]["base"]
+    r = results_of(request, model)[1]["base"]
     assert r["loss"] != 0 and r["grad_norm"] > 0
     zero = {k for k, g in r["grads"].items() if g.abs().max() == 0}
-    # Only the last block's context queries get no gradient: that block discards its context output.
-    last = max(int(k.split(".")[1]) for k in r["grads"] if k.startswith("transformer_blocks."))
-    assert zero == {f"transformer_blocks.{last}.attn.{name}" for name in
-                    ("add_q_proj.weight", "add_q_proj.bias", "norm_added_q.weight")}
+    if model == "sd3":  # only the last block's context queries get no gradient: it discards its context output
+        last = max(int(k.split(".")[1]) for k in r["grads"] if k.startswith("transformer_blocks."))
+        assert zero == {f"transformer_blocks.{last}.attn.{name}" for name in
+                        ("add_q_proj.weight", "add_q_proj.bias", "norm_added_q.weight")}
+    else:
+        assert zero == set()
     assert len(r["grads"]) == len([k for k in r["state"] if not k.endswith("pos_embed")])
 
 
@@ -215,8 +230,10 @@ def bf16_gradient_tolerance() -> float:
     return 2 * rounding_bound(2 * chain_length(get_model_spec("sd3").build("debug")))
 
 
-@pytest.mark.parametrize("variant", ["base", "ac_full", "bf16"])
-def test_two_processes_match_one(results, variant):
+@pytest.mark.parametrize(("model", "variant"), [("sd3", "base"), ("sd3", "ac_full"), ("sd3", "bf16"),
+                                                ("flux", "base"), ("flux", "ac_full")])
+def test_two_processes_match_one(request, model, variant):
+    results = results_of(request, model)
     one, two = results[1][variant], results[2][variant]
     assert torch.equal(one["latents"], two["latents"])  # the same rollouts at both world sizes
     if variant == "bf16":  # bf16 forward on per-rank micro-batches: bf16 rounding, not fp32
@@ -236,7 +253,9 @@ def test_bf16_tolerance_catches_a_dropped_rank(results):
                           "bf16 with rank 1 dropped")
 
 
-def test_hsdp_matches_one_process(results):
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_hsdp_matches_one_process(request, model):
+    results = results_of(request, model)
     assert_equivalent(results[1]["base"], results[2]["hsdp_2x1"], 1e-5, 1e-5, STEP_TOL, "HSDP 2x1 vs 1 proc")
 
 
@@ -253,29 +272,38 @@ def assert_bitwise(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("mode", ["ac_full", "ac_selective"])
-def test_activation_checkpointing_is_bitwise(results, world, mode):
+@pytest.mark.parametrize(("model", "mode"), [("sd3", "ac_full"), ("sd3", "ac_selective"), ("flux", "ac_full")])
+def test_activation_checkpointing_is_bitwise(request, model, world, mode):
+    results = results_of(request, model)
     assert_bitwise(results[world]["base"], results[world][mode])
 
 
-@pytest.mark.parametrize(("world", "variant"), [(1, "pretrained"), (2, "pretrained"), (2, "pretrained_hsdp")])
-def test_meta_build_with_sharded_load_is_bitwise(results, world, variant):
+@pytest.mark.parametrize(("model", "world", "variant"), [("sd3", 1, "pretrained"), ("sd3", 2, "pretrained"),
+                                                         ("sd3", 2, "pretrained_hsdp"), ("flux", 1, "pretrained"),
+                                                         ("flux", 2, "pretrained")])
+def test_meta_build_with_sharded_load_is_bitwise(request, model, world, variant):
     """The same weights built on meta and loaded shard by shard from safetensors (each rank reading
     only its rows) train exactly like the random init they were saved from."""
+    results = results_of(request, model)
     same_mesh = {"pretrained": "base", "pretrained_hsdp": "hsdp_2x1"}[variant]
     assert_bitwise(results[world][same_mesh], results[world][variant])
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_replicated_reference_equals_sharded(results, world):
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_replicated_reference_equals_sharded(request, model, world):
+    results = results_of(request, model)
     (sharded, v_shard), (replicated_is_fsdp, v_rep) = (results[world]["frozen"][p] for p in ("shard", "replicate"))
     assert sharded and not replicated_is_fsdp
     assert torch.equal(v_shard, v_rep)
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_sharded_text_encoders_give_the_same_embeddings(results, world):
-    assert results[world]["sharded_encoders"] == ["clip_encoders", "clip_encoders", "t5_encoder"]
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_sharded_text_encoders_give_the_same_embeddings(request, model, world):
+    results = results_of(request, model)
+    expected = {"sd3": ["clip_encoders", "clip_encoders", "t5_encoder"], "flux": ["clip_encoder", "t5_encoder"]}
+    assert results[world]["sharded_encoders"] == expected[model]
     assert results[world]["encoders_equal"] is True
 
 

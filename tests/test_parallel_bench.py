@@ -31,7 +31,8 @@ def test_bench_prints_peak_memory_and_images_per_s_per_rank():
 
 
 # Parameter counts of the published checkpoints (reference/backbones.md, counted from their files).
-PUBLISHED = {"SD3.5-Medium": 2_243_171_520, "FLUX.1-dev": 11_901_408_320, "Qwen-Image": 20_430_401_088}
+PUBLISHED = {"SD3.5-Medium": 2_243_171_520, "FLUX.1-dev": 11_901_408_320, "Qwen-Image": 20_430_401_088,
+             "Wan2.1-T2V-1.3B": 1_418_996_800, "Wan2.1-T2V-14B": 14_288_491_584}
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
@@ -49,9 +50,11 @@ def test_encoder_counts():
     by_name = {f.name: count(f) for f in FAMILIES}
     clip_l, clip_g, t5, vae = 123_650_304, 694_659_840, 4_762_310_656, 83_819_683
     assert by_name["SD3.5-Medium"].encoders == clip_l + clip_g + t5 and by_name["SD3.5-Medium"].vae == vae
-    assert by_name["FLUX.1-dev"].encoders == clip_l + t5
+    assert by_name["FLUX.1-dev"].encoders == clip_l - 768 * 768 + t5  # CLIPTextModel: no text projection
     assert by_name["Qwen-Image"].encoders == 8_292_166_656  # Qwen2.5-VL-7B-Instruct
     assert by_name["Bagel-7B-MoT"].encoders == 0  # its own LLM encodes the prompt
+    for wan in ("Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B"):  # UMT5-XXL's encoder and the Wan VAE (notes 4.4, 4.5)
+        assert by_name[wan].encoders == 5_680_910_336 and by_name[wan].vae == 126_892_531
 
 
 def test_per_gpu_formula():
@@ -64,3 +67,22 @@ def test_per_gpu_formula():
     lora = per_gpu(c, lora=True, gpus=4, master="bfloat16", ema=False)
     assert lora["trained state"] * GIB == pytest.approx(10 * (2 + 2 + 8) / 4)
     assert lora["frozen weights"] * GIB == pytest.approx(1000 * 2 / 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["wan", "flux"])
+def test_backbone_bench_prints_ours_and_diffusers_side_by_side(family):
+    """`python -m titan_flow.bench --backbone <family>`: both implementations measured in one run; the times and
+    peak memory are printed, not asserted (speed is measured, never a pass/fail criterion)."""
+    cmd = [sys.executable, "-m", "titan_flow.bench", "--backbone", family, "--iters", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    print(proc.stdout)
+    rows = {name: (float(ms), float(saved)) for name, ms, saved in re.findall(
+        r"\[bench\]   (ours|diffusers) +([\d.]+) ms +peak RSS growth +-?[\d.]+ MiB +saved for backward +([\d.]+) MiB",
+        proc.stdout)}
+    assert set(rows) == {"ours", "diffusers"} and all(ms > 0 for ms, _ in rows.values())
+    # the activations kept for backward are a property of the graph, not of the machine: ours keeps no more
+    assert 0 < rows["ours"][1] <= rows["diffusers"][1]
+    assert re.search(r"ours / diffusers: time [\d.]+x, peak memory [\d.]+x, saved for backward [\d.]+x", proc.stdout)

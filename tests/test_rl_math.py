@@ -90,11 +90,11 @@ def test_k_repeat_sampler_errors():
 def test_prompt_datasets(tmp_path):
     (tmp_path / "train.txt").write_text("a cat\n\n  a dog  \n")
     ds = load_prompt_dataset(str(tmp_path), "train")
-    assert len(ds) == 2 and ds[1] == ("a dog", {})
+    assert len(ds) == 2 and ds[1] == ("a dog", {}, None, "a dog")
     record = {"tag": "counting", "include": [{"class": "cup", "count": 2}], "prompt": "a photo of two cups"}
     (tmp_path / "test_metadata.jsonl").write_text(json.dumps(record) + "\n")
     ds = load_prompt_dataset(str(tmp_path), "test")
-    assert ds[0] == ("a photo of two cups", record)
+    assert ds[0] == ("a photo of two cups", record, None, "a photo of two cups")
     assert len(load_prompt_dataset("", "train")) == len(DEBUG_PROMPTS)
     with pytest.raises(FileNotFoundError, match="has neither val.txt nor val_metadata.jsonl"):
         load_prompt_dataset(str(tmp_path), "val")

@@ -3,6 +3,7 @@
 import hashlib
 import random
 
+import pytest
 import torch
 
 from titan_flow.rl.rollout import draw_sde_window, prompt_seed, sample_trajectory, step_noise_levels, trained_steps
@@ -21,16 +22,31 @@ class ToyVelocity(torch.nn.Module):
         return self.net(torch.cat([x, t], 1)) + emb.view(-1, 1, 1, 1)
 
 
+class ToyVideoVelocity(torch.nn.Module):
+    """The toy velocity on video latents (B, C, F, H, W)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Conv3d(3, 2, 3, padding=1)
+
+    def forward(self, x, sigma, emb):
+        t = sigma.view(-1, 1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
+        return self.net(torch.cat([x, t], 1)) + emb.view(-1, 1, 1, 1, 1)
+
+
 class ToyPolicy:
     """The Policy interface of titan_flow/models/registry.py, with CFG as the families do it."""
+
+    latent_shape = (2, 6, 6)
 
     def encode(self, prompts, images=None, model=None):
         return {"emb": torch.tensor([float(len(p)) for p in prompts]) / 10, "neg": torch.zeros(len(prompts))}
 
     def initial_noise(self, n, generator):
         if isinstance(generator, list):
-            return torch.stack([torch.randn(2, 6, 6, generator=g) for g in generator])
-        return torch.randn(n, 2, 6, 6, generator=generator)
+            return torch.stack([torch.randn(*self.latent_shape, generator=g) for g in generator])
+        return torch.randn(n, *self.latent_shape, generator=generator)
 
     def velocity(self, model, x, sigma, cond, guidance_scale):
         if guidance_scale <= 1:
@@ -41,6 +57,12 @@ class ToyPolicy:
 
     def sigmas(self, num_steps):
         return static_shift_sigmas(num_steps, 3.0)
+
+
+class ToyVideoPolicy(ToyPolicy):
+    """Video latents (B, 2, 3 frames, 6, 6): rl/ must not care about the rank."""
+
+    latent_shape = (2, 3, 6, 6)
 
 
 def rescore_all(policy, model, cond, traj, sde_type, guidance, steps):
@@ -54,16 +76,18 @@ def rescore_all(policy, model, cond, traj, sde_type, guidance, steps):
     return torch.stack(out, 1)
 
 
-def test_on_policy_rescore_reproduces_rollout_log_probs_bitwise():
-    policy, model = ToyPolicy(), ToyVelocity()
+@pytest.mark.parametrize(("policy", "model"), [(ToyPolicy, ToyVelocity), (ToyVideoPolicy, ToyVideoVelocity)],
+                         ids=["image", "video"])
+def test_on_policy_rescore_reproduces_rollout_log_probs_bitwise(policy, model):
+    policy, model = policy(), model()
     prompts = ["a cat", "a red dog", "a cat", "tree"]
     cond = policy.encode(prompts)
-    for sde_type, guidance in [("sde", 4.5), ("cps", 1.0), ("sde", 1.0)]:
+    for sde_type, guidance in [("sde", 4.5), ("cps", 1.0), ("sde", 1.0), ("wan", 4.5)]:
         x0 = policy.initial_noise(4, torch.Generator().manual_seed(1))
         levels = step_noise_levels(6, 0.7, None)
         traj = sample_trajectory(policy, model, cond, x0, policy.sigmas(6), levels, sde_type, guidance,
                                  generator=torch.Generator().manual_seed(2))
-        assert traj.latents.shape == (4, 7, 2, 6, 6) and traj.log_probs.shape == (4, 6)
+        assert traj.latents.shape == (4, 7, *policy.latent_shape) and traj.log_probs.shape == (4, 6)
         steps = trained_steps(6, 0.99, None)
         assert steps == [0, 1, 2, 3, 4]
         again = rescore_all(policy, model, cond, traj, sde_type, guidance, steps)
@@ -86,11 +110,16 @@ def test_fast_window_is_seeded_and_only_window_steps_are_stochastic():
     levels = step_noise_levels(10, 0.8, (2, 5))
     assert levels == [0, 0, 0.8, 0.8, 0.8, 0, 0, 0, 0, 0]
     assert trained_steps(10, 0.99, (2, 5)) == [2, 3, 4]
-    policy, model = ToyPolicy(), ToyVelocity()
-    cond = policy.encode(["x", "yy"])
-    traj = sample_trajectory(policy, model, cond, policy.initial_noise(2, torch.Generator().manual_seed(0)),
-                             policy.sigmas(10), levels, "cps", 1.0, generator=torch.Generator().manual_seed(0))
-    assert torch.isnan(traj.log_probs[:, [0, 1, 5, 9]]).all() and torch.isfinite(traj.log_probs[:, 2:5]).all()
+    for policy, model in ((ToyPolicy(), ToyVelocity()), (ToyVideoPolicy(), ToyVideoVelocity())):
+        cond = policy.encode(["x", "yy"])
+        traj = sample_trajectory(policy, model, cond, policy.initial_noise(2, torch.Generator().manual_seed(0)),
+                                 policy.sigmas(10), levels, "cps", 1.0, generator=torch.Generator().manual_seed(0))
+        assert torch.isnan(traj.log_probs[:, [0, 1, 5, 9]]).all() and torch.isfinite(traj.log_probs[:, 2:5]).all()
+        # outside the window the steps are the deterministic Euler steps of the ODE (CPS's coefficients
+        # reach 1 and dt up to fp32 rounding)
+        v = policy.velocity(model, traj.latents[:, 6], traj.sigmas[6].expand(2), cond, 1.0)
+        euler = traj.latents[:, 6] + (traj.sigmas[7] - traj.sigmas[6]) * v
+        torch.testing.assert_close(traj.latents[:, 7], euler, rtol=0, atol=1e-5)
 
 
 def test_same_latent_seed_is_the_reference_formula():

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from titan_flow.models.common.schedules import unipc_flow_sigmas
 from titan_flow.rl.sde import sde_step, step_coefficients
 
 # SD3.5-M's 10-step schedule at shift 3 (flow_grpo_algorithm.md section 1.2).
@@ -136,3 +137,62 @@ def test_kl_and_ratio_bias_terms():
 def test_bad_sde_type_names_the_field():
     with pytest.raises(ValueError, match="sampling.sde_type: 'ddim'"):
         step_coefficients(SD3_T10[:1], SD3_T10[1:2], 0.7, "ddim", 0.96)
+
+
+# ---------------------------------------------------------------------------- flow_grpo's Wan SDE (section 4.7)
+
+# The Wan table at T=20, shift 3, flow_grpo's grid (diffusers <= 0.36), and the notes' per-step noise.
+WAN_T20 = unipc_flow_sigmas(20, 3.0, "flow_grpo")[0]
+
+
+def test_wan_noise_is_sigma_1_times_sigma_and_matches_the_reference_table():
+    c = step_coefficients(WAN_T20[:-1], WAN_T20[1:], 1.0, "wan", WAN_T20[1])
+    dt = WAN_T20[1:] - WAN_T20[:-1]
+    sigma_sde = WAN_T20[1] * WAN_T20[:-1]  # sigma_min + (sigma_max - sigma_min) sigma, sigma_min = 0
+    assert torch.allclose(c.std, sigma_sde * (-dt).sqrt(), rtol=1e-6)
+    assert torch.equal(c.kl_std, c.std)  # the exact KL divides by the step's own variance
+    want_sigma_sde = [.982, .965, .947]  # first three; the notes list std_i = .982, .965, .947, ..., .245, .134
+    assert torch.allclose(sigma_sde[:3], torch.tensor(want_sigma_sde), atol=6e-4)
+    assert torch.allclose(sigma_sde[-2:], torch.tensor([.245, .134]), atol=6e-4)
+    want_std = [.129, .131, .133, .136, .138, .140, .142, .143, .145, .146, .146, .146, .145, .142, .138, .131, .121,
+                .105, .083, .049]
+    assert torch.allclose(c.std, torch.tensor(want_std), atol=6e-4)
+    # the drift is the image SDE's with sigma_sde = sigma_1 sigma: mean = x + dt [v + sigma_sde^2/(2 sigma)(x + (1-sigma) v)]
+    v, x = rand(20, 4, 2, 3, 4, seed=30).double(), rand(20, 4, 2, 3, 4, seed=31).double()
+    s, s_next = WAN_T20[:-1].double(), WAN_T20[1:].double()
+    out = sde_step(v, x, s, s_next, 1.0, "wan", prev_sample=x, sigma_fallback=WAN_T20[1].double(), return_mean=True)
+    shape = (-1, 1, 1, 1, 1)
+    sde2, sig = (WAN_T20[1].double() * s).square().view(shape), s.view(shape)
+    want = x + (s_next - s).view(shape) * (v + sde2 / (2 * sig) * (x + (1 - sig) * v))
+    assert torch.allclose(out.mean, want, atol=1e-12)
+
+
+def test_wan_log_prob_and_exact_kl_against_torch_distributions():
+    v, v_ref = rand(3, 4, 3, 4, 6, seed=32), rand(3, 4, 3, 4, 6, seed=33)
+    x = rand(3, 4, 3, 4, 6, seed=34)
+    s, s_next = WAN_T20[[0, 9, 18]], WAN_T20[[1, 10, 19]]
+    out = sde_step(v, x, s, s_next, 1.0, "wan", generator=torch.Generator().manual_seed(3), sigma_fallback=WAN_T20[1],
+                   v_ref=v_ref, return_mean=True)
+    ref = sde_step(v_ref, x, s, s_next, 1.0, "wan", prev_sample=out.prev_sample, sigma_fallback=WAN_T20[1],
+                   return_mean=True)
+    std = (WAN_T20[1] * s * (s - s_next).sqrt()).view(-1, 1, 1, 1, 1)
+    eps = torch.randn(out.prev_sample.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(out.prev_sample, out.mean + std * eps, atol=1e-6)
+    normal = torch.distributions.Normal(out.mean, std)
+    assert torch.allclose(out.log_prob, normal.log_prob(out.prev_sample).flatten(1).mean(1), atol=1e-5)
+    # the per-element Gaussian KL(N(mean, s^2) || N(mean_ref, s^2)), averaged over the video's elements
+    kl = torch.distributions.kl_divergence(normal, torch.distributions.Normal(ref.mean, std)).flatten(1).mean(1)
+    assert torch.allclose(out.kl, kl, rtol=1e-5)
+    # "sde" divides by sigma_sde^2 instead, without the step's |dt|: a different (larger) number
+    image_kl = sde_step(v, x, s, s_next, 1.0, "sde", prev_sample=out.prev_sample, sigma_fallback=WAN_T20[1], v_ref=v_ref)
+    assert not torch.allclose(image_kl.kl, out.kl)
+
+
+def test_wan_step_noise_free_is_euler_and_rescoring_is_bitwise():
+    v, x = rand(2, 4, 3, 4, 6, seed=35), rand(2, 4, 3, 4, 6, seed=36)
+    s, s_next = WAN_T20[4].expand(2), WAN_T20[5].expand(2)
+    ode = sde_step(v, x, s, s_next, 0.0, "wan", sigma_fallback=WAN_T20[1])
+    assert ode.log_prob is None and torch.equal(ode.prev_sample, x + (s_next - s).view(-1, 1, 1, 1, 1) * v)
+    out = sde_step(v, x, s, s_next, 1.0, "wan", generator=torch.Generator().manual_seed(0), sigma_fallback=WAN_T20[1])
+    again = sde_step(v, x, s, s_next, 1.0, "wan", prev_sample=out.prev_sample, sigma_fallback=WAN_T20[1])
+    assert torch.equal(out.log_prob, again.log_prob)

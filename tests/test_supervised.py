@@ -10,16 +10,19 @@ data fails naming the field, and a run's checkpoint exports to a shapes director
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from titan_flow.config import ConfigError, build_job_config
 from titan_flow.data.shapes import write_dataset, write_prompt_sets
 from titan_flow.evaluate import main as evaluate_main
 from titan_flow.export import export
 from titan_flow.models.sd3.shapes import is_shapes_dir
+from titan_flow.sample import main as sample_main
 from titan_flow.train import main as train_main
 
 SHAPES = [
@@ -94,8 +97,13 @@ def test_bad_data_and_settings_fail_naming_the_field(data, tmp_path):
     prompts_only = write_prompt_sets(tmp_path / "prompts", per_task=1)
     with pytest.raises(ValueError, match="needs an image path in the 'image' field"):
         run(tmp_path, "no_images", prompts_only, "--eval.freq", "0", steps=1)
-    with pytest.raises(ValueError, match=r"the model trains at model.resolution = 8; resize the dataset to 8 x 8"):
-        run(tmp_path, "wrong_size", data, "--model.resolution", "8", "--eval.freq", "0", steps=1)
+    small = tmp_path / "small"
+    shutil.copytree(data, small)
+    for png in small.rglob("*.png"):  # the same records with 8 x 8 pictures
+        Image.open(png).resize((8, 8)).save(png)
+    with pytest.raises(ValueError, match=r"images are \[\(3, 8, 8\)\] \(C, H, W\) but the model trains at "
+                       r"model.resolution = 16; resize the dataset to 16 x 16"):
+        run(tmp_path, "wrong_size", small, "--eval.freq", "0", steps=1)
 
 
 def test_export_writes_a_shapes_directory_and_evaluate_reproduces_the_runs_eval(runs, data, tmp_path):
@@ -113,3 +121,11 @@ def test_export_writes_a_shapes_directory_and_evaluate_reproduces_the_runs_eval(
         assert results["scalars"]["eval/reward_avg"] == logged["eval/reward_avg"]
         assert results["scalars"]["eval/geneval/overall_strict"] == logged["eval/geneval/overall_strict"]
         assert (out / "grid.png").is_file() and "| task | strict accuracy | accuracy |" in (out / "results.md").read_text()
+    # the sample CLI draws the exported model's pictures and one captioned grid (16 x 16 enlarged 8x, 4 px apart)
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    assert sample_main(["--pretrained_path", str(exported), *[a for p in prompts for a in ("--prompt", p)],
+                        "--steps", "3", "--out", str(tmp_path / "samples"), "--grid", str(tmp_path / "grid.png"),
+                        "--grid_columns", "2"]) == 0
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 3
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (2 * 128 + 4, 2 * (128 + 28))

@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                 f"({cfg.data.test_split}), {cfg.eval.num_steps} ODE steps, CFG {cfg.eval.guidance_scale}\n\n{table}"
             )
             if args.grid > 0:
-                Image.fromarray(image_grid(images, captions)).save(out / "grid.png")
+                Image.fromarray(image_grid(images, captions, gap=4)).save(out / "grid.png")
             print(table, end="")
             print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {out / 'grid.png'}" if args.grid else ""))
     finally:

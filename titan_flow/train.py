@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     trainable = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimizer
     optimizer = torch.optim.AdamW(
-        trainable, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps
+        trainable, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps,
+        fused=o.implementation == "fused", foreach=o.implementation == "foreach",
     )
     ema = (
         EMA(trainable, max_decay=cfg.training.ema_max_decay, update_interval=cfg.training.ema_update_interval)
@@ -167,15 +168,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg.checkpoint.interval, cfg.checkpoint.keep_latest_k, cfg.checkpoint.async_mode == "async",
         enable=cfg.checkpoint.enable,
     )
+    algo.guard.last_good = ckpt.last_good if cfg.checkpoint.enable else lambda: "none (checkpoint.enable = false)"
     if cfg.checkpoint.enable:
         resume = ckpt.resolve_step(cfg.checkpoint.load_step)
         if resume is not None:
             ckpt.load(resume)
 
-    test_set = build_dataset(cfg, cfg.data.test_split) if cfg.eval.freq > 0 else None
+    test_set = build_dataset(cfg, cfg.data.test_split) if cfg.eval.freq > 0 or cfg.eval.at_end else None
     n_trained, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     logger.info("training %s of %s parameters for %d epochs; outputs in %s", f"{n_trained:,}", f"{n_total:,}",
                 cfg.training.steps, out)
+
     def run_eval(step: int) -> None:
         scalars, images, captions = evaluate(cfg, dims, policy, model, ema, reward_fn, test_set)
         metrics.log_scalars(scalars, step)
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for epoch in range(train_state.epoch, cfg.training.steps):
-            if test_set is not None and epoch % cfg.eval.freq == 0:
+            if test_set is not None and cfg.eval.freq > 0 and epoch % cfg.eval.freq == 0:
                 run_eval(epoch)
             t0 = time.perf_counter()
             result = algo.run_epoch(epoch)

@@ -2,12 +2,16 @@
 
     python -m titan_flow.bench [--warmup 1] [--epochs 3] [--job.config_file X.toml --section.key value ...]
     torchrun --nproc-per-node 8 -m titan_flow.bench --job.config_file train_configs/sd3_pickscore.toml
+    python -m titan_flow.bench --backbone wan      # our backbone vs diffusers': fwd+bwd time, peak memory
+    python -m titan_flow.bench --backbone flux
 
 Runs the real trainer for warmup + measured epochs (no checkpoints, no eval, no TensorBoard) and
 prints, for every rank, its peak memory (CUDA: allocated and reserved by the caching allocator;
 CPU: the process's peak resident set) and, from rank 0, the rollout and end-to-end images/s per
 rank over the measured epochs (the trainer's own perf/ timings, in metrics.jsonl). The memory the
 parameters and optimizer state need by construction is printed by `python -m titan_flow.bench.memory`.
+`--backbone NAME` instead compares our backbone with diffusers' at one small config, side by side:
+forward + backward time and peak memory (titan_flow/bench/backbone.py).
 """
 
 from __future__ import annotations
@@ -59,7 +63,12 @@ def throughput(run_dir: Path, warmup: int, world_size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, trainer_args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--backbone" or a.startswith("--backbone=") for a in argv):
+        from titan_flow.bench import backbone
+
+        return backbone.main(argv)
+    args, trainer_args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="titan_flow_bench_") as scratch:
         trainer_args = [
             *trainer_args, "--job.output_dir", scratch, "--job.run_name", "bench",

@@ -2,9 +2,9 @@
 
     python -m titan_flow.bench.memory [--gpus 8] [--master float32] [--compute bfloat16] [--no-ema]
 
-Every count comes from the model built on the meta device: our SD3 and Bagel ports, and diffusers'
-and transformers' classes with the published configs for FLUX.1-dev, Qwen-Image and the text
-encoders / VAEs. Per GPU, with FSDP2 sharding over G GPUs (bytes per parameter in brackets):
+Every count comes from the model built on the meta device: our SD3, FLUX.1, Wan and Bagel ports, and
+diffusers' and transformers' classes with the published configs for Qwen-Image and the text encoders /
+VAEs. Per GPU, with FSDP2 sharding over G GPUs (bytes per parameter in brackets):
 
     trained        P_train  x (master + grad [= master] + AdamW m, v [2 x 4] + EMA [4, if on]) / G
     frozen, in the trained model (LoRA base, Bagel's und expert)    P_frozen x master / G
@@ -47,6 +47,13 @@ def _clip_l():
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768))
 
 
+def _clip_l_pooled():  # FLUX reads CLIP-L's pooled output: no projection layer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12))
+
+
 def _clip_g():
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -71,6 +78,21 @@ def _qwen25_vl_7b():
         vocab_size=152064, tie_word_embeddings=False))
 
 
+def _umt5_xxl():  # Wan's text encoder (google/umt5-xxl's encoder)
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                       num_heads=64, relative_attention_num_buckets=32,
+                                       relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                                       tie_word_embeddings=False))
+
+
+def _wan_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan()
+
+
 def _sd3_vae():  # the SD3 and FLUX VAE (16 latent channels)
     from diffusers import AutoencoderKL
 
@@ -92,12 +114,11 @@ def _sd35_medium():
     return spec.model_cls(spec.args("sd3.5-medium"))
 
 
-def _flux_dev():
-    from diffusers import FluxTransformer2DModel
+def _flux_dev():  # FLUX.1-Kontext-dev has the same transformer
+    from titan_flow.models import get_model_spec
 
-    return FluxTransformer2DModel(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                                  guidance_embeds=True)
+    spec = get_model_spec("flux")
+    return spec.model_cls(spec.args("flux.1-dev"))
 
 
 def _qwen_image():
@@ -105,6 +126,13 @@ def _qwen_image():
 
     return QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
                                        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584)
+
+
+def _wan(flavor: str):
+    from titan_flow.models import get_model_spec
+
+    spec = get_model_spec("wan")
+    return spec.model_cls(spec.args(flavor))
 
 
 def _bagel():
@@ -129,10 +157,15 @@ class Family:
 FAMILIES = (
     Family("SD3.5-Medium", _sd35_medium, lambda m: [m.transformer_blocks], (_clip_l, _clip_g, _t5_xxl), _sd3_vae,
            tuple(SD3_LORA), 32),
-    Family("FLUX.1-dev", _flux_dev, lambda m: [m.transformer_blocks, m.single_transformer_blocks], (_clip_l, _t5_xxl),
+    Family("FLUX.1-dev", _flux_dev, lambda m: [m.transformer_blocks, m.single_transformer_blocks],
+           (_clip_l_pooled, _t5_xxl),
            _sd3_vae, (*SD3_LORA, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"), 64),
     Family("Qwen-Image", _qwen_image, lambda m: [m.transformer_blocks], (_qwen25_vl_7b,), _qwen_vae,
            (*SD3_LORA, "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"), 64),
+    Family("Wan2.1-T2V-1.3B", lambda: _wan("1.3B"), lambda m: [m.blocks], (_umt5_xxl,), _wan_vae,
+           ("to_q", "to_k", "to_v", "to_out.0"), 32),
+    Family("Wan2.1-T2V-14B", lambda: _wan("14B"), lambda m: [m.blocks], (_umt5_xxl,), _wan_vae,
+           ("to_q", "to_k", "to_v", "to_out.0"), 32),
     # Bagel trains its generation expert (the reference's "full" mode); its LLM is also its text encoder.
     Family("Bagel-7B-MoT", _bagel, lambda m: [m.layers, m.vit.layers], (), _sd3_vae,
            ("gen.q_proj", "gen.k_proj", "gen.v_proj", "gen.o_proj", "gen.mlp.gate_proj", "gen.mlp.up_proj",

@@ -8,7 +8,9 @@ Layout of one checkpoint, `<run>/<folder>/step-00000010/`:
   rank 0 once every rank has finished writing.
 
 A folder without the marker is an interrupted save: resume skips it and a new save of that step
-replaces it. Loading checks the manifest first (each rank checks a share of the files), so a
+replaces it. A state holding a NaN or an infinity is never saved (every rank checks its shards and
+the ranks agree), so an older good checkpoint is never purged for a poisoned one and resume always
+finds a good one. Loading checks the manifest first (each rank checks a share of the files), so a
 truncated, missing or altered file fails with its name instead of loading garbage.
 """
 
@@ -136,6 +138,24 @@ def _crc32(path: Path) -> int:
     return crc
 
 
+def _nonfinite_entries(states: dict[str, Stateful]) -> list[str]:
+    """Names of the (local shards of) tensors in the states' state dicts that hold a NaN or an infinity."""
+    from titan_flow.distributed.utils import nonfinite_flag
+
+    bad = []
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                visit(f"{prefix}.{k}", v)
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and nonfinite_flag([value]).item():
+            bad.append(prefix)
+
+    for name, state in states.items():
+        visit(name, state.state_dict())
+    return bad
+
+
 def _first_failure(e: BaseException) -> str:
     """The underlying error of a DCP failure, without the per-rank tracebacks DCP wraps it in."""
     if isinstance(e, CheckpointException) and e.failures:
@@ -222,8 +242,19 @@ class CheckpointManager:
         return self.enable and (step % self.interval == 0 or step == last_step)
 
     def save(self, step: int) -> None:
-        """Save the state reached after `step` epochs; the marker lands when every rank is done."""
+        """Save the state reached after `step` epochs; the marker lands when every rank is done.
+
+        Collective. Raises CheckpointError, writing nothing and purging nothing, when any rank's state
+        holds a NaN or an infinity."""
         self.wait()
+        everywhere = [f"{name} (rank {rank})" for rank, names in enumerate(_gather(_nonfinite_entries(self.states)))
+                      for name in names]
+        if everywhere:
+            raise CheckpointError(
+                f"refusing to save step {step}: non-finite values in {', '.join(everywhere[:10])}"
+                + (f" and {len(everywhere) - 10} more" if len(everywhere) > 10 else "")
+                + f". Nothing was written or purged; the last good checkpoint is {self.last_good()}"
+            )
         path = step_dir(self.folder, step)
         if self.rank == 0:
             if path.exists():  # an interrupted save of this step, or an older branch of the run
@@ -261,6 +292,11 @@ class CheckpointManager:
             path = step_dir(self.folder, old)
             (path / MARKER).unlink()  # first, so a crash mid-delete leaves a folder resume skips
             shutil.rmtree(path)
+
+    def last_good(self) -> str:
+        """The newest complete checkpoint, for error messages."""
+        steps = complete_steps(self.folder)
+        return str(step_dir(self.folder, steps[-1])) if steps else f"none yet in {self.folder}"
 
     # ------------------------------------------------------------------ load
     def resolve_step(self, load_step: int) -> int | None:

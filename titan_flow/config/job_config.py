@@ -1,10 +1,8 @@
 """The job configuration: one dataclass per TOML section, every field typed and defaulted.
 
-The defaults are the embedded demo job: Flow-GRPO from the 2.3 M-parameter shapes model shipped in the
-package, on the shapes world's prompts and reward, two CPU processes (train_configs/shapes_grpo.toml
-spells it out). The recipes in train_configs/ set the reference's values for real models, and
-train_configs/debug_cpu.toml the tiny random-init plumbing job the tests use (the defaults before the
-demo: only the model, the data, the reward, the run's length and the final eval differ). Allowed values
+The defaults are the embedded debug job (a tiny random-init SD3 on the CPU, JPEG reward, on-policy
+updates; train_configs/debug_cpu.toml spells it out); the recipes in train_configs/ set the reference's
+values for real models (train_configs/shapes_grpo.toml: the shapes demo). Allowed values
 for string fields are declared next to the field with `choices(...)`, so validation and the error
 messages come from the same place as the definition.
 """
@@ -12,10 +10,6 @@ messages come from the same place as the definition.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-
-# The shapes model and prompt sets shipped inside the package (titan_flow/assets/shapes/): the demo's defaults.
-SHAPES_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "shapes"
 
 
 # Fields whose right value depends on the weights are "auto" (None) until config.manager fills them from
@@ -40,7 +34,7 @@ def doc(default, help: str, **kw):
 @dataclass
 class Job:
     config_file: str = doc("", "TOML file this job was loaded from")
-    run_name: str = doc("shapes_grpo", "name of the run; outputs go to <output_dir>/<run_name>")
+    run_name: str = doc("debug_cpu", "name of the run; outputs go to <output_dir>/<run_name>")
     output_dir: str = doc("outputs", "root folder for all runs")
     seed: int = doc(42, "global seed; each rank derives its own streams from it")
     description: str = doc("", "free text shown in the logs")
@@ -48,19 +42,40 @@ class Job:
 
 @dataclass
 class Model:
-    name: str = choices("sd3", "sd3", "flux", "qwen_image", "bagel", help="model family")
+    name: str = choices("sd3", "sd3", "flux", "qwen_image", "bagel", "wan", help="model family")
     flavor: str = doc("debug", "named hyper-parameter set from the family's args.py (used when pretrained_path is empty)")
-    pretrained_path: str = doc(
-        str(SHAPES_ASSETS / "model"),
-        "local diffusers pipeline directory (or the family's native directory); empty = random-init flavor; "
-        "default: the shapes model shipped in the package",
-    )
+    pretrained_path: str = doc("", "local diffusers pipeline directory (or the family's native directory); empty = random-init flavor")
     dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the trained (master) weights")
     compute_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the forward pass (FSDP mixed-precision param dtype)")
     encoder_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of frozen text encoders")
     vae_dtype: str = choices("float32", "float32", "bfloat16", "float16", help="dtype of the frozen VAE")
-    resolution: int | None = doc(None, "image height and width in pixels" + AUTO)
+    resolution: int | None = doc(
+        None, "image height and width in pixels (video families: the height; Bagel edits keep the source's aspect "
+        "ratio: longest side at most this, shortest at least half of it)" + AUTO
+    )
+    width: int | None = doc(
+        None,
+        "width in pixels; image families make square images, so it must equal model.resolution; auto = "
+        "model.resolution for image families, the pipeline's width for video families",
+    )
+    num_frames: int | None = doc(
+        None,
+        "frames of a generated video (Wan: 4k+1; 1 for image families); auto = the video pipeline's default "
+        "(Wan: 81) with model.pretrained_path, the debug job's value for a random-init flavor",
+    )
     max_sequence_length: int | None = doc(None, "T5/LLM text tokens (the reference uses 128 for SD3 training)" + AUTO)
+    condition_size: str = choices(
+        "resolution", "resolution", "native", "preferred",
+        help="FLUX.1-Kontext editing: the size the source image is resized to before it becomes condition tokens: "
+        "resolution = model.resolution square (the reference's rule), native = its own size floored to 16 px, "
+        "preferred = FLUX.1-Kontext's ~1 MP size closest to its aspect ratio (diffusers' default)",
+    )
+    attention_backend: str = choices(
+        "auto", "auto", "flash", "flex", "sdpa",
+        help="packed-sequence attention (Bagel): flash = flash-attn varlen (CUDA, bf16/fp16, the [gpu] extra), flex = "
+        "FlexAttention with a block mask per sequence layout, sdpa = one SDPA call per sequence; auto = flash when "
+        "installed on CUDA, else flex on CUDA, else sdpa",
+    )
     trainable: str = choices(
         "all", "all", "gen_expert",
         help="which weights train: all, or only Bagel's generation expert (its MoT gen weights, as the reference)",
@@ -71,8 +86,12 @@ class Model:
 class Sampling:
     num_steps: int | None = doc(None, "denoising steps during rollout" + AUTO)
     guidance_scale: float | None = doc(None, "CFG scale during rollout (<= 1 disables CFG)" + AUTO)
-    noise_level: float = doc(1.0, "SDE noise level a")
-    sde_type: str = choices("sde", "sde", "cps", help="stochastic step used inside the SDE window")
+    noise_level: float = doc(1.0, "SDE noise level a (\"wan\": its noise is a sigma_1 sigma; the reference's is a = 1)")
+    sde_type: str = choices(
+        "sde", "sde", "cps", "wan",
+        help="stochastic step used inside the SDE window: sde (Flow-GRPO), cps (coefficients-preserving), wan "
+        "(flow_grpo's Wan2.1 step: noise sigma_1 sigma, exact Gaussian KL)",
+    )
     negative_prompt: str = doc("", "prompt of the unconditional CFG branch")
     num_image_per_prompt: int = doc(8, "group size G")
     batch_size: int = doc(8, "prompts (with repeats) per rank per sampling round (B)")
@@ -152,17 +171,28 @@ class Optimizer:
     weight_decay: float = doc(1e-4, "AdamW weight decay")
     eps: float = doc(1e-8, "AdamW epsilon")
     max_grad_norm: float = doc(1.0, "global gradient norm clip (<= 0 disables)")
+    implementation: str = choices(
+        "fused", "fused", "foreach", "for-loop",
+        help="AdamW kernels: fused (one kernel per dtype/device, CUDA and CPU), foreach (batched ops), for-loop "
+        "(one op per tensor: with FSDP2's DTensor parameters this is ~9x slower on the debug model)",
+    )
 
 
 @dataclass
 class Training:
-    steps: int = doc(400, "RL epochs to run (one epoch = rollout of n_b batches + its optimizer updates)")
+    steps: int = doc(100, "RL epochs to run (one epoch = rollout of n_b batches + its optimizer updates)")
     gradient_accumulation_steps: int = doc(1, "training batches per optimizer update")
     ema: bool = doc(True, "keep an EMA of the trained weights (used for eval and export)")
     ema_update_interval: int = doc(8, "EMA is updated every this many optimizer steps (reference: 8)")
     ema_max_decay: float = doc(0.9, "EMA decay is min((1+k)/(10+k), ema_max_decay)")
     device: str = choices("auto", "auto", "cpu", "cuda", help="auto = cuda when available")
     deterministic: bool = doc(False, "torch.use_deterministic_algorithms (slower on GPU)")
+    on_nonfinite: str = choices(
+        "stop", "stop", "skip",
+        help="a NaN/inf in rollouts, rewards, advantages, loss, gradient norm or weights: stop with an error naming "
+        "it (the checkpoints stay good), or skip that epoch's training / that optimizer step and its EMA update",
+    )
+    max_nonfinite_skips: int = doc(3, "with on_nonfinite = skip: stop after this many skips in a row (a diverging run)")
     kernel_backend: str = choices(
         "auto", "auto", "triton", "torch",
         help="fused RL ops (kernels/): auto = Triton on CUDA tensors, the PyTorch reference elsewhere; "
@@ -228,7 +258,7 @@ class Metrics:
 
 @dataclass
 class Reward:
-    fns: dict = doc(lambda: {"shapes_geneval": 1.0}, "reward name -> weight (weight 0 = logged only)")
+    fns: dict = doc(lambda: {"jpeg_compressibility": 1.0}, "reward name -> weight (weight 0 = logged only)")
     model_paths: dict = doc(dict, "reward name -> local model directory or file")
     device: str = doc("", "device of the reward models (empty = the trainer's device)")
     urls: dict = doc(
@@ -249,9 +279,9 @@ class Reward:
 @dataclass
 class Data:
     path: str = doc(
-        str(SHAPES_ASSETS / "prompts"),
-        "dataset folder (with train.txt/test.txt or *_metadata.jsonl); empty = built-in debug prompts; default: "
-        "the shapes world's training and held-out prompts shipped in the package",
+        "",
+        "dataset folder (with train.txt/test.txt or *_metadata.jsonl); empty = built-in debug prompts; "
+        "builtin:counting_edit = a built-in counting-edit set with drawn source images (debug jobs of edit models)",
     )
     format: str = choices("auto", "auto", "text", "geneval", help="auto = jsonl -> geneval, txt -> text")
     train_split: str = doc("train", "split used for training")
@@ -268,14 +298,14 @@ class Data:
 
 @dataclass
 class Eval:
-    freq: int = doc(100, "evaluate every this many epochs (0 = never)")
+    freq: int = doc(25, "evaluate every this many epochs (0 = never)")
     num_steps: int | None = doc(None, "ODE steps during eval (the reference: 40 for SD3)" + AUTO)
     guidance_scale: float | None = doc(None, "CFG scale during eval" + AUTO)
     batch_size: int = doc(8, "prompts per rank per eval batch")
     max_prompts: int = doc(0, "evaluate on at most this many test prompts (0 = all)")
     at_end: bool = doc(
-        True, "with eval.freq > 0, also evaluate the final weights after the last epoch (logged at step "
-        "training.steps; with training.steps = 0 that is the initial weights)",
+        False, "also evaluate the final weights after the last epoch (logged at step training.steps; works with "
+        "eval.freq = 0, and with training.steps = 0 it evaluates the initial weights)",
     )
 
 

@@ -183,14 +183,18 @@ def auto_fields(cfg: JobConfig) -> list[str]:
 
 def resolve_auto(cfg: JobConfig) -> None:
     """Fill the auto fields from the model family: the published pipeline's defaults for
-    model.pretrained_path, the debug job's values for a random-init flavor."""
+    model.pretrained_path, the debug job's values for a random-init flavor. A default that is a
+    function is called with the config as resolved so far (fields resolve in declaration order)."""
     pending = auto_fields(cfg)
     if not pending:
         return
     from titan_flow.models import get_model_spec
 
     try:
-        defaults = get_model_spec(cfg.model.name).config_defaults(cfg.model.pretrained_path)
+        spec = get_model_spec(cfg.model.name)
+        defaults = spec.fixed_defaults()
+        if any(p not in defaults for p in pending):  # only then is the pretrained directory read
+            defaults = spec.config_defaults(cfg.model.pretrained_path)
     except (KeyError, NotImplementedError, FileNotFoundError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise ConfigError(f"cannot fill {', '.join(pending)} (auto) from model {cfg.model.name!r}: {message}") from None
@@ -199,9 +203,30 @@ def resolve_auto(cfg: JobConfig) -> None:
         if dotted not in defaults:
             raise ConfigError(f"{dotted} is auto but the {cfg.model.name!r} family gives it no default; set it")
         section, key = dotted.split(".")
-        _set(cfg, section, key, defaults[dotted], from_cli=False)
+        value = defaults[dotted]
+        _set(cfg, section, key, value(cfg) if callable(value) else value, from_cli=False)
         if getattr(sections[section], key) is None:
             raise ConfigError(f"{dotted}: the {cfg.model.name!r} family's default is None")
+
+
+def _validate_frame_size(cfg: JobConfig, need) -> None:
+    """Image families make square single frames; only a video family takes model.width and num_frames."""
+    m = cfg.model
+    need(m.width % 16 == 0 and m.width > 0, f"model.width must be a positive multiple of 16, got {m.width}")
+    need(m.num_frames >= 1, f"model.num_frames must be >= 1, got {m.num_frames}")
+    from titan_flow.models import get_model_spec
+
+    try:
+        video = get_model_spec(m.name).video
+    except (KeyError, NotImplementedError):
+        return  # resolve_auto names an unknown or unported family
+    if not video:
+        need(
+            m.width == m.resolution and m.num_frames == 1,
+            f"model.width = {m.width} and model.num_frames = {m.num_frames}: the {m.name!r} family makes square "
+            f"images (model.resolution = {m.resolution}), so leave them on auto (or set width = resolution and "
+            "num_frames = 1)",
+        )
 
 
 def validate(cfg: JobConfig) -> None:
@@ -249,7 +274,10 @@ def validate(cfg: JobConfig) -> None:
     )
     need(cfg.training.steps >= 0, f"training.steps must be >= 0, got {cfg.training.steps}")
     need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    need(cfg.training.max_nonfinite_skips >= 1,
+         f"training.max_nonfinite_skips must be >= 1, got {cfg.training.max_nonfinite_skips}")
     need(cfg.model.resolution % 16 == 0, f"model.resolution must be a multiple of 16, got {cfg.model.resolution}")
+    _validate_frame_size(cfg, need)
     for name, w in cfg.reward.fns.items():
         need(isinstance(w, (int, float)) and not isinstance(w, bool), f"reward.fns.{name}: weight must be a number, got {w!r}")
     need(len(cfg.reward.fns) > 0, "reward.fns is empty; give at least one reward, e.g. {jpeg_compressibility = 1.0}")
@@ -271,9 +299,9 @@ def _validate_algorithm(cfg: JobConfig, need) -> None:
         )
     if rl.ratio_norm:
         need(
-            s.sde_type == "sde",
+            s.sde_type in ("sde", "wan"),
             f"rl.ratio_norm: the RatioNorm bias cancels the Gaussian log-prob's quadratic term, so it needs "
-            f"sampling.sde_type = 'sde', got {s.sde_type!r}",
+            f"sampling.sde_type = 'sde' or 'wan', got {s.sde_type!r}",
         )
     need(not rl.ratio_norm_batch_bias or rl.ratio_norm, "rl.ratio_norm_batch_bias only applies with rl.ratio_norm = true")
     need(rl.ref_update_interval >= 1, f"rl.ref_update_interval must be >= 1, got {rl.ref_update_interval}")

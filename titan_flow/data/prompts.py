@@ -114,6 +114,10 @@ def load_prompt_dataset(path: str, split: str, fmt: str = "auto", image_key: str
         raise ValueError(f"data.format: {fmt!r} is not one of {FORMATS}")
     if not path:
         return PromptDataset(list(DEBUG_PROMPTS))
+    if path == "builtin:counting_edit":  # the debug jobs of edit models: drawn source images, no files
+        from titan_flow.data.debug_edit import DebugEditDataset
+
+        return DebugEditDataset(split)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"data.path: {folder} is not a directory")

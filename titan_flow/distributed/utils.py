@@ -224,3 +224,20 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
     return total
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly sharded DTensor) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def nonfinite_flag(tensors) -> torch.Tensor:
+    """0-d bool tensor (no host sync): does any local part of `tensors` hold a NaN or an infinity?
+
+    One fused max-abs over all of them (foreach kernels): it is infinite or NaN exactly when some
+    element is, and unlike a 2-norm it cannot overflow on large finite values."""
+    parts = [local_tensor(t).detach() for t in tensors]
+    parts = [p for p in parts if p.numel()]
+    if not parts:
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(torch.nn.utils.get_total_norm(parts, norm_type=float("inf"), foreach=True))

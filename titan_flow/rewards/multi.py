@@ -2,6 +2,7 @@
 
     reward_fn = MultiReward({"pickscore": 1.0, "ocr": 0.0}, model_paths, device, urls=..., ...)
     out = reward_fn(images, prompts, metadata)          # {name: (B,), extras..., "avg": (B,)}
+                                                        # images (B, 3, H, W) or videos (B, F, 3, H, W)
     future = reward_fn.submit(images, prompts, metadata)  # same, on a worker thread
     ... next rollout ...
     out = future.result()
@@ -14,7 +15,9 @@ gathered here). Where each reward runs:
   * any other name listed in `urls`: on titan_flow's reward server at that URL (e.g.
     http://127.0.0.1:18090/pickscore), started with `python -m titan_flow.rewards.serve`;
   * the rest: in this process, on `device`, from `model_paths[name]`.
-Server calls run concurrently with each other and with the local rewards.
+Server calls run concurrently with each other and with the local rewards. Videos go as they are to
+the rewards that take them (and to titan_flow's server); image rewards score their frames
+(registry.call_reward).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from titan_flow.rewards.registry import build_reward, get_reward_class, scores_tensor
+from titan_flow.rewards.registry import build_reward, call_reward, get_reward_class, scores_tensor
 from titan_flow.rewards.remote import RemoteReward, RetryPolicy
 
 GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -86,8 +89,8 @@ class MultiReward:
             raise ValueError(f"MultiReward got {n} images, {len(prompts)} prompts and {len(metadata)} metadata dicts")
         args = (images.detach(), prompts, metadata, ref_images, only_strict)
         with self._lock:
-            pending = {name: self._io.submit(r, *args) for name, r in self.rewards.items() if r.remote}
-            outputs = {name: r(*args) for name, r in self.rewards.items() if not r.remote}
+            pending = {name: self._io.submit(call_reward, r, *args) for name, r in self.rewards.items() if r.remote}
+            outputs = {name: call_reward(r, *args) for name, r in self.rewards.items() if not r.remote}
             outputs.update({name: f.result() for name, f in pending.items()})
 
         result: dict[str, torch.Tensor] = {}

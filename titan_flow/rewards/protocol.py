@@ -9,8 +9,11 @@ pickled dict, or 500 with the server's traceback as text.
              response {"scores", "rewards", "strict_rewards", "group_rewards": {tag: [..]},
                        "group_strict_rewards": {tag: [..]}}
     DeQA     request  {"images"}                         response {"outputs": [float]}
-    titan_flow        {"images", "prompts", "meta_datas", "ref_images": [bytes] | None, "only_strict"}
+    titan_flow        {"images", "prompts", "meta_datas", "ref_images": [bytes] | None, "only_strict",
+                       "num_frames": F (videos only)}
              response {"scores": [float], "extras": {key: [float]}}
+    A batch of B videos of F frames sends its B * F frames in "images" (video by video, frames in
+    order) with "num_frames": F; scores and extras stay one per video.
 
 Unpickling only rebuilds plain data (dicts, lists, str, bytes, numbers and numpy scalars/arrays),
 so a request or answer cannot run code on the receiving side.

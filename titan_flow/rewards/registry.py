@@ -5,11 +5,16 @@ as `cls(model_path, device, **options)` and called as
 
     out = reward(images, prompts, metadata, ref_images=None, only_strict=True)
 
-with `images` a float NCHW tensor in [0, 1] (any device), one prompt and one metadata dict per
-image, `ref_images` the input images of edit tasks (tensor or list of PIL images) and
-`only_strict=False` during evaluation (GenEval then also computes its slower non-strict accuracy).
-`out["score"]` is the (B,) float32 CPU tensor of rewards; any other key is an extra per-image
-metric the reward emits (GenEval's accuracies) and is logged under that key.
+with `images` a float tensor in [0, 1] (any device): images (B, 3, H, W) or videos (B, F, 3, H, W);
+one prompt and one metadata dict per image or video, `ref_images` the input images of edit tasks
+(tensor or list of PIL images) and `only_strict=False` during evaluation (GenEval then also
+computes its slower non-strict accuracy). `out["score"]` is the (B,) float32 CPU tensor of
+rewards; any other key is an extra per-sample metric the reward emits (GenEval's accuracies) and is
+logged under that key.
+
+Videos: a reward with `takes_video = True` (video_ocr, a reward served remotely) gets the videos as
+they are. Every other reward is an image reward and, called through `call_reward`, scores every frame
+as an image; a video's score (and each extra) is the mean over its frames.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ _MODULES = {
     "aesthetic": "aesthetic",
     "imagereward": "imagereward",
     "ocr": "ocr",
+    "video_ocr": "ocr",
     "qwenvl": "qwenvl",
     "geneval": "geneval",
     "shapes_geneval": "shapes_geneval",
@@ -49,9 +55,29 @@ class Reward:
     needs_model: bool = False
     # Remote rewards (GenEval, DeQA, UnifiedReward) take `url` and the client's retry settings.
     remote: bool = False
+    # True: __call__ takes videos (B, F, 3, H, W) itself; False: `score` scores their frames as images.
+    takes_video: bool = False
 
     def __call__(self, images, prompts, metadata, ref_images=None, only_strict=True) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+def call_reward(reward: Reward, images: torch.Tensor, prompts, metadata, ref_images=None, only_strict=True):
+    """Call `reward`, scoring the frames of videos as images (mean per video) when it takes images only."""
+    if images.ndim != 5 or reward.takes_video:
+        return reward(images, prompts, metadata, ref_images, only_strict)
+    n, frames = images.shape[:2]
+
+    def per_frame(items):
+        return [item for item in items for _ in range(frames)]
+
+    if isinstance(ref_images, torch.Tensor):
+        ref_images = ref_images.repeat_interleave(frames, dim=0)
+    elif ref_images is not None:
+        ref_images = per_frame(ref_images)
+    out = reward(images.flatten(0, 1), per_frame(prompts), per_frame(metadata), ref_images, only_strict)
+    name = getattr(reward, "name", type(reward).__name__)
+    return {key: scores_tensor(v, f"{name}/{key}", n * frames).view(n, frames).mean(1) for key, v in out.items()}
 
 
 def register_reward(cls: type) -> type:
@@ -106,11 +132,15 @@ def model_path_of(name: str, path: str | None, must_contain: tuple[str, ...] = (
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float NCHW in [0, 1] (any device) -> uint8 NHWC numpy."""
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"rewards take float images of shape (B, 3, H, W) in [0, 1]; got shape {tuple(images.shape)}")
+    """float in [0, 1] (any device) -> uint8 numpy, channels last: images (B, C, H, W) -> (B, H, W, C),
+    videos (B, F, C, H, W) -> (B, F, H, W, C)."""
+    if images.ndim not in (4, 5) or images.shape[-3] not in (1, 3):
+        raise ValueError(
+            f"rewards take float images of shape (B, 3, H, W) or videos (B, F, 3, H, W) in [0, 1]; "
+            f"got shape {tuple(images.shape)}"
+        )
     x = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return x.movedim(-3, -1).cpu().numpy()
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -118,7 +148,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def as_float_images(images: Any) -> list[torch.Tensor]:
-    """Tensor (B, C, H, W) in [0, 1], or a list of PIL images / uint8 HWC arrays -> list of float CHW.
+    """Tensor (B, C, H, W) in [0, 1], or a list of PIL images / uint8 HWC arrays / float (C, H, W) tensors in
+    [0, 1] (what the data loader hands over) -> list of float CHW.
 
     A list is returned because the reference images of edit tasks may differ in size.
     """
@@ -126,9 +157,14 @@ def as_float_images(images: Any) -> list[torch.Tensor]:
         return list(images.detach().float().cpu())
     out = []
     for im in images:
+        if isinstance(im, torch.Tensor) and im.ndim == 3 and im.is_floating_point():
+            out.append(im.detach().float().cpu())
+            continue
         a = np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im)
         if a.dtype != np.uint8 or a.ndim != 3:
-            raise ValueError(f"reference images must be PIL images or uint8 HWC arrays; got {a.dtype} {a.shape}")
+            raise ValueError(
+                f"reference images must be PIL images, uint8 HWC arrays or float CHW tensors; got {a.dtype} {a.shape}"
+            )
         out.append(torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255.0)
     return out
 

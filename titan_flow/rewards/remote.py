@@ -117,30 +117,32 @@ class RemoteReward(Reward):
     """
 
     remote = True
+    takes_video = True  # videos travel as frames; the server's reward decides how to score them
 
     def __init__(self, name: str, url: str, policy: RetryPolicy = RetryPolicy(), chunk_size: int = protocol.CHUNK_SIZE):
         self.name, self.url, self.policy, self.chunk_size = name, url, policy, chunk_size
 
     def __call__(self, images, prompts, metadata, ref_images=None, only_strict=True):
         n = len(prompts)
-        blobs = protocol.encode_images(to_uint8(images), "PNG")
+        frames = images.shape[1] if images.ndim == 5 else None
+        pixels = to_uint8(images)
+        blobs = protocol.encode_images(pixels if frames is None else pixels.reshape(-1, *pixels.shape[2:]), "PNG")
         refs = None
         if ref_images is not None:  # one at a time: reference images may differ in size
             refs = [protocol.encode_images(to_uint8(im[None]), "PNG")[0] for im in as_float_images(ref_images)]
         scores, extras = [], {}
-        for sl in protocol.chunk_slices(n, self.chunk_size):
-            answer = post_pickle(
-                self.url,
-                {
-                    "images": blobs[sl],
-                    "prompts": list(prompts[sl]),
-                    "meta_datas": list(metadata[sl]),
-                    "ref_images": None if refs is None else refs[sl],
-                    "only_strict": only_strict,
-                },
-                self.policy,
-                required=("scores",),
-            )
+        per_item = frames or 1  # a request holds about chunk_size frames
+        for sl in protocol.chunk_slices(n, max(1, self.chunk_size // per_item)):
+            request = {
+                "images": blobs[sl.start * per_item : sl.stop * per_item],
+                "prompts": list(prompts[sl]),
+                "meta_datas": list(metadata[sl]),
+                "ref_images": None if refs is None else refs[sl],
+                "only_strict": only_strict,
+            }
+            if frames is not None:
+                request["num_frames"] = frames
+            answer = post_pickle(self.url, request, self.policy, required=("scores",))
             scores.extend(answer["scores"])
             for key, values in answer.get("extras", {}).items():
                 extras.setdefault(key, []).extend(values)

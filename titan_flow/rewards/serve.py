@@ -7,7 +7,8 @@ The trainer then scores those rewards remotely with `reward.urls = {pickscore =
 "http://<host>:18090/pickscore", ocr = "http://<host>:18090/ocr"}`.
 
 Endpoints:
-    POST /<reward>   the pickled protocol of protocol.py (POST / works when one reward is served);
+    POST /<reward>   the pickled protocol of protocol.py (POST / works when one reward is served), images
+                     or videos (frames flattened, with "num_frames");
                      200 + pickled {"scores", "extras"}; 500 + traceback when scoring failed (the
                      client retries); 400 for a malformed request, 404 for an unknown reward.
     GET  /health     200 + JSON {"status": "ok", "rewards": [...], "device": ..., "pid": ...}
@@ -34,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from titan_flow.rewards import protocol
-from titan_flow.rewards.registry import Reward, build_reward, get_reward_class, scores_tensor
+from titan_flow.rewards.registry import Reward, build_reward, call_reward, get_reward_class, scores_tensor
 
 logger = logging.getLogger("titan_flow.rewards.serve")
 
@@ -89,7 +90,8 @@ class BatchingScorer:
             batch = self._next_batch()
             try:
                 refs = None if batch[0].ref_images is None else [r for j in batch for r in j.ref_images]
-                out = self.reward(
+                out = call_reward(
+                    self.reward,
                     torch.cat([j.images for j in batch]),
                     [p for j in batch for p in j.prompts],
                     [m for j in batch for m in j.metadata],
@@ -117,16 +119,20 @@ class _BadRequest(ValueError):
 def parse_request(payload) -> Job:
     if not isinstance(payload, dict) or "images" not in payload:
         raise _BadRequest("the body must be a pickled dict with at least 'images'")
+    frames = payload.get("num_frames")
+    if frames is not None and (not isinstance(frames, int) or frames < 1 or len(payload["images"]) % frames):
+        raise _BadRequest(f"num_frames = {frames!r} does not divide the {len(payload['images'])} images into videos")
     images = protocol.decode_images(payload["images"])
-    n = len(images)
+    n = len(images) // (frames or 1)
     prompts = list(payload.get("prompts") or [""] * n)
     metadata = list(payload.get("meta_datas") or [{} for _ in range(n)])
     refs = payload.get("ref_images")
     if n == 0 or len(prompts) != n or len(metadata) != n or (refs is not None and len(refs) != n):
         raise _BadRequest(f"got {n} images, {len(prompts)} prompts, {len(metadata)} meta_datas"
                           + ("" if refs is None else f", {len(refs)} ref_images"))
+    pixels = protocol.pil_to_tensor(images)
     return Job(
-        protocol.pil_to_tensor(images), prompts, metadata,
+        pixels if frames is None else pixels.unflatten(0, (n, frames)), prompts, metadata,
         None if refs is None else protocol.decode_images(refs), bool(payload.get("only_strict", True)),
     )
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from titan_flow.data.loader import collate_records
 from titan_flow.distributed.utils import all_gather_tensor, reshard
 from titan_flow.rewards import geneval_breakdown, reward_means
+from titan_flow.rl.metrics import beside_sources, first_images
 from titan_flow.rl.rollout import generate_images, step_noise_levels
 
 
@@ -44,7 +45,7 @@ def evaluate(cfg, dims, policy, model, ema, reward_fn, dataset):
             for k, v in rewards.items():
                 scores.setdefault(k, []).append(v.float().to(dims.device))
             if len(images) < cfg.metrics.num_log_images:
-                images.append(imgs.float().cpu())
+                images.append(beside_sources(batch.images, imgs.float().cpu()))  # edits: source | result
                 captions += [f"{p} | {r:.3f}" for p, r in zip(batch.prompts, rewards["avg"].tolist())]
         reshard(model)  # before the trained weights are written back
     valid = all_gather_tensor(torch.tensor([i < n_total for i in mine], device=dims.device))
@@ -53,4 +54,4 @@ def evaluate(cfg, dims, policy, model, ema, reward_fn, dataset):
     scalars.update({f"eval/reward_{k}": v for k, v in reward_means(gathered).items()})
     scalars.update({f"eval/geneval/{k}": v for k, v in geneval_breakdown(gathered).items()})
     n_img = cfg.metrics.num_log_images
-    return scalars, torch.cat(images)[:n_img], captions[:n_img]
+    return scalars, first_images(images, n_img), captions[:n_img]

@@ -9,19 +9,57 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from kernels import ClippedLoss
+
+
+def beside_sources(sources: list[torch.Tensor] | None, images: torch.Tensor) -> torch.Tensor:
+    """Edits: each result with its source image on the left, (B, 3, H, 2W); without sources, the images.
+
+    A source (3, h, w) in [0, 1] of any size is resized (bilinear, antialiased) to the result's H x W.
+    """
+    if sources is None:
+        return images
+    if len(sources) != len(images):
+        raise ValueError(f"beside_sources: {len(sources)} source images for {len(images)} results")
+    height, width = images.shape[-2:]
+    resized = [F.interpolate(s[None].float().cpu(), size=(height, width), mode="bilinear", antialias=True,
+                             align_corners=False)[0].clamp(0, 1) for s in sources]
+    return torch.cat([torch.stack(resized), images.float().cpu()], dim=-1)
+
+
+def first_images(batches: list[torch.Tensor], limit: int) -> torch.Tensor:
+    """The first `limit` images of several (B, 3, H, W) batches as one tensor, for the logged grid.
+
+    Batches may differ in size (an edit is generated at its source image's shape): images are then
+    padded with black at the bottom and right to the largest height and width.
+    """
+    images = [image for batch in batches for image in batch][: max(limit, 0)]
+    if not images:
+        return batches[0][:0] if batches else torch.zeros(0, 3, 1, 1)
+    height, width = max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)
+    return torch.stack([F.pad(im, (0, width - im.shape[-1], 0, height - im.shape[-2])) for im in images])
 
 
 class StepStats:
     def __init__(self):
         self.sums: dict[str, list[torch.Tensor]] = {}
         self.ratios: dict[str, dict[int, list[torch.Tensor]]] = {}
+        self.losses: list[tuple[str, torch.Tensor]] = []  # (where, loss/total) since the last take_losses()
 
-    def add_scalars(self, values: dict[str, torch.Tensor]) -> None:
-        """Scalars averaged over the epoch's micro-steps (and ranks) by `reduce`."""
+    def add_scalars(self, values: dict[str, torch.Tensor], where: str = "") -> None:
+        """Scalars averaged over the epoch's micro-steps (and ranks) by `reduce`; `where` names the micro-step
+        in an error about its loss."""
         for k, v in values.items():
             self.sums.setdefault(k, []).append(v.detach().float().reshape(()))
+        if "loss/total" in values:
+            self.losses.append((where or f"micro-step {len(self.sums['loss/total'])}", self.sums["loss/total"][-1]))
+
+    def take_losses(self) -> list[tuple[str, torch.Tensor]]:
+        """The micro-steps' total losses since the last call (the non-finite guard checks them per update)."""
+        losses, self.losses = self.losses, []
+        return losses
 
     def add_ratio(self, name: str, step: int, ratio: torch.Tensor) -> None:
         self.ratios.setdefault(name, {}).setdefault(step, []).append(ratio.detach().float())
@@ -41,7 +79,7 @@ class StepStats:
         if kl is not None:
             record["loss/kl"] = kl.mean()
             record[f"kl_per_step/{step}"] = kl.mean()
-        self.add_scalars(record)
+        self.add_scalars(record, where=f"denoising step {step}")
         self.add_ratio("ratio", step, pl.ratio)
         if raw_ratio is not None:
             self.add_ratio("raw_ratio", step, raw_ratio)

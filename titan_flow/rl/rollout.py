@@ -173,14 +173,14 @@ def generate_images(
     noise_generator: torch.Generator | None = None,
     images: list | None = None,
 ) -> torch.Tensor:
-    """Prompts (and, for edits, their source images) -> float NCHW images in [0, 1]: encode, sample from
-    fresh initial noise, decode.
+    """Prompts (and, for edits, their source images) -> float [0, 1] images (B, 3, H, W) or videos
+    (B, F, 3, H, W): encode, sample from fresh initial noise, decode.
 
     `initial_noise_generator` is a generator or one per prompt (Policy.initial_noise);
     `noise_generator` draws the SDE steps' noise.
     """
     cond = policy.encode(prompts, images=images, model=model)
-    x0 = policy.initial_noise(len(prompts), initial_noise_generator)
+    x0 = policy.initial_noise(len(prompts), initial_noise_generator, cond=cond)
     traj = sample_trajectory(policy, model, cond, x0, sigmas, noise_levels, sde_type, guidance_scale, noise_generator)
     return policy.decode(traj.latents[:, -1])
 

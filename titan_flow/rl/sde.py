@@ -1,9 +1,18 @@
-"""One denoising step as a policy: the ODE (Euler), the Flow-GRPO SDE, and CPS.
+"""One denoising step as a policy: the ODE (Euler), the Flow-GRPO SDE, CPS, and flow_grpo's Wan SDE.
 
 Every step is affine in the velocity, mean = coef_x * x + coef_v * v, plus Gaussian noise of
 per-element std `std`. This file derives the per-sample coefficients from the sigmas and the noise
-level (flow_grpo_algorithm.md section 2) and samples; the log-prob and the KL / RatioNorm terms come
-from the fused op in kernels/, whose PyTorch reference defines the numbers.
+level (flow_grpo_algorithm.md section 2; edit_and_video.md section 4.7 for "wan") and samples; the
+log-prob and the KL / RatioNorm terms come from the fused op in kernels/, whose PyTorch reference
+defines the numbers.
+
+The three stochastic steps, with dt = sigma_{i+1} - sigma_i < 0 and a = the noise level:
+  "sde"  sigma_sde = a sqrt(sigma / (1 - sigma)); Euler-Maruyama of the reverse SDE; Gaussian log-prob;
+         the KL divides by sigma_sde^2 (no |dt|), as the reference's image scripts do.
+  "cps"  coefficients-preserving sampling; log-prob = -mean squared distance (the reference's).
+  "wan"  sigma_sde = a sigma_1 sigma (sigma_1 = the schedule's second sigma; flow_grpo's Wan script has
+         no noise level, i.e. a = 1 is it exactly); the same drift as "sde"; Gaussian log-prob; the KL
+         divides by the step's per-element variance (sigma_sde^2 |dt|), the exact Gaussian KL.
 
 Rollout and training both call `sde_step`; training passes the stored next latent as `prev_sample`,
 so on-policy the same velocity gives the same log-prob bit for bit.
@@ -19,14 +28,15 @@ import torch
 import kernels
 from kernels.sde_logprob import accumulate, per_sample
 
-SDE_TYPES = ("sde", "cps")
+SDE_TYPES = ("sde", "cps", "wan")
+LOG_PROB_KINDS = {"sde": "gaussian", "cps": "squared", "wan": "gaussian"}
 
 
 class StepCoefficients(NamedTuple):
     coef_x: torch.Tensor  # (B,)
     coef_v: torch.Tensor  # (B,)
     std: torch.Tensor  # (B,) per-element noise std of the step
-    kl_std: torch.Tensor  # (B,) the std the reference's KL term divides by (sigma_sde for "sde", std for "cps")
+    kl_std: torch.Tensor  # (B,) the std the reference's KL term divides by (sigma_sde for "sde", std otherwise)
 
 
 class StepOutput(NamedTuple):
@@ -44,18 +54,23 @@ def step_coefficients(
     """Per-sample coefficients of the step from sigma_i to sigma_{i+1} (both (B,); computed in fp32 or fp64).
 
     `sigma_max` is the schedule's second sigma: the "sde" noise coefficient divides by 1 - sigma,
-    which is 0 at sigma = 1, so there the reference uses 1 - sigma_max instead.
+    which is 0 at sigma = 1, so there the reference uses 1 - sigma_max instead; the "wan" noise is
+    proportional to it.
     """
     if sde_type not in SDE_TYPES:
         raise ValueError(f"sampling.sde_type: {sde_type!r} is not one of {SDE_TYPES}")
     sigma, sigma_next = accumulate(sigma), accumulate(sigma_next)
+    sigma_max = torch.as_tensor(sigma_max, dtype=sigma.dtype, device=sigma.device)
     dt = sigma_next - sigma  # negative
-    if sde_type == "sde":
-        denom = 1 - torch.where(sigma == 1, torch.as_tensor(sigma_max, dtype=sigma.dtype, device=sigma.device), sigma)
-        sigma_sde = torch.sqrt(sigma / denom) * noise_level
+    if sde_type in ("sde", "wan"):
+        if sde_type == "sde":
+            sigma_sde = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
+        else:
+            sigma_sde = sigma_max * sigma * noise_level
         coef_x = 1 + sigma_sde**2 / (2 * sigma) * dt
         coef_v = (1 + sigma_sde**2 * (1 - sigma) / (2 * sigma)) * dt
-        return StepCoefficients(coef_x, coef_v, sigma_sde * torch.sqrt(-dt), sigma_sde)
+        std = sigma_sde * torch.sqrt(-dt)
+        return StepCoefficients(coef_x, coef_v, std, sigma_sde if sde_type == "sde" else std)
     std = sigma_next * math.sin(noise_level * math.pi / 2)
     direction = torch.sqrt(sigma_next**2 - std**2)  # weight of the predicted noise x_1
     coef_x = (1 - sigma_next) + direction
@@ -93,9 +108,8 @@ def sde_step(
             mean = kernels.step_mean(v, x, c.coef_x, c.coef_v)
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
             prev_sample = mean + per_sample(c.std, mean) * noise
-    kind = "gaussian" if sde_type == "sde" else "squared"
     out = kernels.sde_log_prob(
-        v, x, prev_sample, c.coef_x, c.coef_v, c.std, kind,
+        v, x, prev_sample, c.coef_x, c.coef_v, c.std, LOG_PROB_KINDS[sde_type],
         v_ref=v_ref, kl_std=c.kl_std if v_ref is not None else None, mean_old=mean_old, return_mean=return_mean,
     )
     return StepOutput(prev_sample.float(), out.log_prob, out.mean, c.std, out.kl, out.ratio_bias)

@@ -32,6 +32,7 @@ SPEC = ModelSpec(
         image_guidance_scale=cfg.sampling.image_guidance_scale,
         cfg_interval=tuple(cfg.sampling.cfg_interval),
         cfg_renorm_min=cfg.sampling.cfg_renorm_min,
+        attention_backend=cfg.model.attention_backend,
     ),
 )
 

@@ -19,7 +19,11 @@ Two ways to run the same network:
     reference's training path);
   - `extend(cache, ...)` then `denoise(cache, ...)`: the context is prefilled once into a KV cache
     and each denoising step runs only the image block against it (the reference's inference path,
-    and what RL rollouts and training use). Both give the same velocities (tests/test_bagel.py).
+    and what RL rollouts and training use). Both give the same velocities (tests/test_bagel_model.py).
+
+Attention runs on one of the packed kernels of models/common/attention.py (flash-attn varlen,
+FlexAttention or an SDPA loop), chosen by each entry point's `attention` argument. Where bf16 results
+are rounded follows the reference in each path (MoTDecoderLayer).
 
 Parameter names are ours; state_dict_adapter.py maps them to the released `ema.safetensors`.
 """
@@ -27,6 +31,7 @@ Parameter names are ours; state_dict_adapter.py maps them to the released `ema.s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Union
 
 import torch
@@ -34,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from titan_flow.models.bagel.args import BagelArgs, VitArgs
-from titan_flow.models.common.attention import attention, varlen_attention
+from titan_flow.models.common.attention import PackedAttention, PackedLayout
 from titan_flow.models.common.embeddings import TimestepEmbedding, get_2d_sincos_pos_embed, timestep_sinusoid
 from titan_flow.models.common.norms import RMSNorm
 from titan_flow.models.common.rope import apply_rope, rope_cos_sin
@@ -244,29 +249,6 @@ def pack(samples: list[list[Split]], args: BagelArgs, start_positions: list[int]
     )
 
 
-def attention_mask(split_lens: list[int], split_modes: list[str]) -> torch.Tensor:
-    """Bool (L, L) mask of one sample (True = may attend), Bagel's `prepare_attention_mask_per_sample`.
-
-    Causal splits see themselves causally, full/noise splits see themselves entirely; every split
-    sees all earlier splits, except that a noise split is hidden from every other split.
-    """
-    total = sum(split_lens)
-    mask = torch.zeros(total, total, dtype=torch.bool)
-    start = 0
-    for n, mode in zip(split_lens, split_modes):
-        block = torch.ones(n, n, dtype=torch.bool)
-        mask[start : start + n, start : start + n] = block.tril() if mode == "causal" else block
-        mask[start : start + n, :start] = True
-        start += n
-    start = 0
-    for n, mode in zip(split_lens, split_modes):
-        if mode == "noise":
-            mask[:, start : start + n] = False
-            mask[start : start + n, start : start + n] = True
-        start += n
-    return mask
-
-
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
@@ -378,10 +360,19 @@ class CachedAttention:
     bottom-right aligned, so causal text appended to a context sees the whole context.
     """
 
-    def __init__(self, cache: KVCache, contexts: list[int], query_lens: list[int], causal: bool, device: torch.device):
+    def __init__(
+        self,
+        cache: KVCache,
+        contexts: list[int],
+        query_lens: list[int],
+        causal: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+        backend: str,
+    ):
         if len(contexts) != len(query_lens):
             raise ValueError(f"got {len(contexts)} contexts for {len(query_lens)} query segments")
-        self.cache, self.causal = cache, causal
+        self.cache = cache
         key_lens = [cache.lens[c] + n for c, n in zip(contexts, query_lens)]
         self.gather = None
         if cache.keys is not None and sum(cache.lens[c] for c in contexts) > 0:
@@ -391,33 +382,23 @@ class CachedAttention:
                 pieces += [cache.token_index([c]), torch.arange(q_start, q_start + n)]
                 q_start += n
             self.gather = torch.cat(pieces).to(device)
-        self.cu_q = F.pad(torch.tensor(query_lens).cumsum(0), (1, 0)).to(device, torch.int32)
-        self.cu_k = F.pad(torch.tensor(key_lens).cumsum(0), (1, 0)).to(device, torch.int32)
-        self.max_q, self.max_k = max(query_lens), max(key_lens)
+        self.kernel = PackedAttention(PackedLayout.varlen(query_lens, key_lens, causal), backend, device, dtype)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if self.gather is not None:
             k = torch.cat([self.cache.keys[layer].to(k.dtype), k])[self.gather]
             v = torch.cat([self.cache.values[layer].to(v.dtype), v])[self.gather]
-        out = varlen_attention(q, k, v, self.cu_q, self.cu_k, self.max_q, self.max_k, causal=self.causal)
-        return out, k, v
+        return self.kernel(q, k, v), k, v
 
 
-class MaskedAttention:
-    """Attention within each packed sample under a dense bool mask (the full-sequence training path)."""
+class SplitAttention:
+    """Each packed sample attends within itself under Bagel's split rules (the full-sequence training path)."""
 
-    def __init__(self, sample_lens: list[int], masks: list[torch.Tensor]):
-        self.sample_lens, self.masks = sample_lens, masks
+    def __init__(self, seq: PackedSequence, device: torch.device, dtype: torch.dtype, backend: str):
+        self.kernel = PackedAttention(PackedLayout.from_splits(seq.split_lens, seq.split_modes), backend, device, dtype)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        repeat = q.shape[1] // k.shape[1]
-        outs = []
-        for qs, ks, vs, mask in zip(q.split(self.sample_lens), k.split(self.sample_lens), v.split(self.sample_lens), self.masks):
-            ks = ks.repeat_interleave(repeat, dim=1)
-            vs = vs.repeat_interleave(repeat, dim=1)
-            out = attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], mask=mask)
-            outs.append(out[0].transpose(0, 1))
-        return torch.cat(outs), k, v
+        return self.kernel(q, k, v), k, v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,19 +433,34 @@ class Expert(nn.Module):
         self.post_attention_norm = RMSNorm(dim, eps, weight_after_cast=True)
         self.mlp = SwiGLU(dim, args.intermediate_size)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, x: torch.Tensor, fp32_qk: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (normed) and v per head; `fp32_qk` norms q and k in fp32 (generation mode, see MoTDecoderLayer)."""
         h = self.input_norm(x)
-        q = self.q_norm(self.q_proj(h).unflatten(-1, (-1, self.head_dim)))
-        k = self.k_norm(self.k_proj(h).unflatten(-1, (-1, self.head_dim)))
+        q = self.q_proj(h).unflatten(-1, (-1, self.head_dim))
+        k = self.k_proj(h).unflatten(-1, (-1, self.head_dim))
         v = self.v_proj(h).unflatten(-1, (-1, self.head_dim))
-        return q, k, v
+        if fp32_qk:
+            q, k = q.float(), k.float()
+        return self.q_norm(q), self.k_norm(k), v
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.post_attention_norm(x))
 
 
 class MoTDecoderLayer(nn.Module):
-    """Pre-norm Qwen2 layer with per-expert weights (Bagel's `Qwen2MoTDecoderLayer`)."""
+    """Pre-norm Qwen2 layer with per-expert weights (Bagel's `Qwen2MoTDecoderLayer`).
+
+    Where low-precision results are rounded follows the reference, whose published weights were
+    tuned under these numerics. Its hard-coded bfloat16 casts are read here as casts to the
+    activation dtype: identities in fp32 (the fp32 parity), the reference bit for bit in bf16.
+      - understanding mode (text and ViT prefill; the full-sequence training path, `forward_train`,
+        for every token): q/k norms take the activation dtype and round their normalised value before
+        the weight multiply; RoPE runs in the activation dtype, rounding after each operation;
+      - generation mode (the image block of every denoising step, and prefilling a clean VAE image:
+        the reference's mode "gen", for every token of the call, markers included): q and k go to fp32
+        before their norms, RoPE runs in fp32 with tables rounded to the activation dtype, and q and k
+        are rounded once, right before attention.
+    """
 
     def __init__(self, args: BagelArgs, layer_id: int):
         super().__init__()
@@ -472,10 +468,16 @@ class MoTDecoderLayer(nn.Module):
         self.und = Expert(args)
         self.gen = Expert(args)
 
-    def forward(self, x: torch.Tensor, routing: Routing, cos: torch.Tensor, sin: torch.Tensor, attend):
+    def forward(
+        self, x: torch.Tensor, routing: Routing, cos: torch.Tensor, sin: torch.Tensor, attend, gen_mode: bool = False
+    ):
         """Returns the new hidden states and this layer's keys/values as attended (context included)."""
-        q, k, v = routing.apply(self.und.qkv, self.gen.qkv, x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = routing.apply(partial(self.und.qkv, fp32_qk=gen_mode), partial(self.gen.qkv, fp32_qk=gen_mode), x)
+        if gen_mode:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+            q, k = apply_rope(q, cos, sin).to(x.dtype), apply_rope(k, cos, sin).to(x.dtype)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out, keys, values = attend(self.layer_id, q, k, v)
         x = x + routing.apply(self.und.o_proj, self.gen.o_proj, out.flatten(1))
         x = x + routing.apply(self.und.feed_forward, self.gen.feed_forward, x)
@@ -496,10 +498,9 @@ class VitAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: PackedAttention) -> torch.Tensor:
         q, k, v = (proj(x).unflatten(-1, (-1, self.head_dim)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=False)
-        return self.out_proj(out.flatten(1))
+        return self.out_proj(attend(q, k, v).flatten(1))
 
 
 class VitMLP(nn.Module):
@@ -520,8 +521,8 @@ class VitLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.mlp = VitMLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), cu_seqlens, max_seqlen)
+    def forward(self, x: torch.Tensor, attend: PackedAttention) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), attend)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -545,11 +546,14 @@ class VisionTransformer(nn.Module):
         self.layers = nn.ModuleList(VitLayer(args) for _ in range(args.num_layers))
         self.post_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
 
-    def forward(self, patches: torch.Tensor, position_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-        cu_seqlens = F.pad(torch.tensor(seqlens).cumsum(0), (1, 0)).to(patches.device, torch.int32)
+    def forward(
+        self, patches: torch.Tensor, position_ids: torch.Tensor, seqlens: list[int], attention: str = "auto"
+    ) -> torch.Tensor:
+        """Patches of several images packed (sum(seqlens), p*p*3); each image attends within itself."""
         x = self.embeddings(patches.to(self.embeddings.patch_embedding.weight.dtype), position_ids)
+        attend = PackedAttention(PackedLayout.varlen(seqlens), attention, x.device, x.dtype)
         for layer in self.layers:
-            x = layer(x, cu_seqlens, max(seqlens))
+            x = layer(x, attend)
         return self.post_layernorm(x)
 
 
@@ -634,13 +638,15 @@ class Bagel(nn.Module):
         dtype = self.vae2llm.weight.dtype
         return self.vae2llm(tokens.to(dtype)) + time_emb + self.latent_pos_embed[position_ids].to(dtype)
 
-    def embed_vit(self, patches: torch.Tensor, position_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+    def embed_vit(
+        self, patches: torch.Tensor, position_ids: torch.Tensor, seqlens: list[int], attention: str = "auto"
+    ) -> torch.Tensor:
         if self.vit is None:
             raise ValueError("this Bagel model was built without a ViT (args.vit is None); it cannot encode images")
-        x = self.connector(self.vit(patches, position_ids, seqlens))
+        x = self.connector(self.vit(patches, position_ids, seqlens, attention))
         return x + self.vit_pos_embed[position_ids].to(x.dtype)
 
-    def embed(self, seq: PackedSequence) -> tuple[torch.Tensor, Routing]:
+    def embed(self, seq: PackedSequence, attention: str = "auto") -> tuple[torch.Tensor, Routing]:
         """Token embeddings of a packed sequence, and its expert routing (gen = every VAE latent token)."""
         values = [self.embed_tokens(seq.text_ids)]
         indexes = [seq.text_index]
@@ -649,7 +655,7 @@ class Bagel(nn.Module):
             values.append(self.embed_latents(seq.latent_tokens, time_emb, seq.latent_position_ids))
             indexes.append(seq.latent_index)
         if seq.vit_index.numel():
-            values.append(self.embed_vit(seq.vit_patches, seq.vit_position_ids, seq.vit_seqlens))
+            values.append(self.embed_vit(seq.vit_patches, seq.vit_position_ids, seq.vit_seqlens, attention))
             indexes.append(seq.vit_index)
         dtype = values[0].dtype
         x = scatter_rows([v.to(dtype) for v in values], indexes)
@@ -659,46 +665,55 @@ class Bagel(nn.Module):
 
     # -- the decoder --------------------------------------------------------------------------
 
-    def decode(self, x: torch.Tensor, routing: Routing, position_ids: torch.Tensor, attend):
-        """All decoder layers and the per-expert final norm; also returns each layer's attended keys/values."""
+    def decode(self, x: torch.Tensor, routing: Routing, position_ids: torch.Tensor, attend, gen_mode: bool = False):
+        """All decoder layers and the per-expert final norm; also returns each layer's attended keys/values.
+
+        `gen_mode` selects the reference's generation-mode rounding (MoTDecoderLayer).
+        """
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
         keys, values = [], []
         for layer in self.layers:
-            x, k, v = layer(x, routing, cos, sin, attend)
+            x, k, v = layer(x, routing, cos, sin, attend, gen_mode)
             keys.append(k)
             values.append(v)
         return routing.apply(self.norm["und"], self.norm["gen"], x), keys, values
 
-    def forward(self, samples: list[list[Split]]) -> list[torch.Tensor]:
+    def forward(self, samples: list[list[Split]], attention: str = "auto") -> list[torch.Tensor]:
         """Full-sequence pass over packed samples; returns the velocity of every LatentSplit, in order.
 
         Each sample attends only to itself, under Bagel's split mask. Velocities of clean
         (context) latent splits are returned too; only those of noised splits are meaningful.
+        Rounding is the reference's training path (understanding mode for every token).
+        `attention` is the packed-attention backend (models/common/attention.py).
         """
         device = self.embed_tokens.weight.device
         seq = pack(samples, self.args).to(device)
-        x, routing = self.embed(seq)
-        masks = [attention_mask(lens, modes).to(device) for lens, modes in zip(seq.split_lens, seq.split_modes)]
-        h, _, _ = self.decode(x, routing, seq.position_ids, MaskedAttention(seq.sample_lens, masks))
+        x, routing = self.embed(seq, attention)
+        h, _, _ = self.decode(x, routing, seq.position_ids, SplitAttention(seq, device, x.dtype, attention))
         return list(self.llm2vae(h[seq.latent_index]).split(seq.latent_split_lens))
 
     @torch.no_grad()
-    def extend(self, cache: KVCache, contexts: list[int], splits: list[Split]) -> KVCache:
+    def extend(self, cache: KVCache, contexts: list[int], splits: list[Split], attention: str = "auto") -> KVCache:
         """Append splits[i] to context contexts[i]; returns a cache with one context per split.
 
-        All splits must be text (causal) or all images (bidirectional); noised latents cannot be
-        cached (nothing may attend to them). Runs without grad: the context is frozen conditioning.
+        One call takes one kind of split: text (causal, understanding mode), ViT images
+        (understanding mode) or clean VAE images (generation mode, as the reference prefills them);
+        noised latents cannot be cached (nothing may attend to them). Runs without grad: the context
+        is frozen conditioning.
         """
-        kinds = {isinstance(s, TextSplit) for s in splits}
+        kinds = {type(s) for s in splits}
         if len(kinds) != 1:
-            raise ValueError("extend: pass only text splits or only image splits in one call (they attend differently)")
+            raise ValueError(
+                f"extend: got {sorted(k.__name__ for k in kinds)} in one call; pass one kind of split per call "
+                "(text attends causally, and VAE images prefill in generation mode, ViT images in understanding mode)"
+            )
         if any(isinstance(s, LatentSplit) and s.noised for s in splits):
             raise ValueError("extend: a noised LatentSplit is a generation target and cannot become context; use denoise")
         device = self.embed_tokens.weight.device
         seq = pack([[s] for s in splits], self.args, [cache.positions[c] for c in contexts]).to(device)
-        x, routing = self.embed(seq)
-        attend = CachedAttention(cache, contexts, seq.sample_lens, causal=kinds == {True}, device=device)
-        _, keys, values = self.decode(x, routing, seq.position_ids, attend)
+        x, routing = self.embed(seq, attention)
+        attend = CachedAttention(cache, contexts, seq.sample_lens, kinds == {TextSplit}, device, x.dtype, attention)
+        _, keys, values = self.decode(x, routing, seq.position_ids, attend, gen_mode=kinds == {LatentSplit})
         lens = [cache.lens[c] + n for c, n in zip(contexts, seq.sample_lens)]
         return KVCache(keys, values, lens, seq.next_positions)
 
@@ -709,11 +724,13 @@ class Bagel(nn.Module):
         latents: torch.Tensor,
         timesteps: torch.Tensor,
         grid: tuple[int, int],
+        attention: str = "auto",
     ) -> torch.Tensor:
         """Velocities (R, h*w, p*p*C) of noised latents (R, h*w, p*p*C) at flow times (R,), row i against context contexts[i].
 
         Each row is the image block [<|vision_start|>, h*w latent tokens, <|vision_end|>] at its
-        context's next position; the markers go through the und expert, the latents through gen.
+        context's next position; the markers go through the und expert, the latents through gen,
+        all in generation mode (the reference's `_forward_flow`).
         """
         rows, n, _ = latents.shape
         height, width = grid
@@ -728,6 +745,9 @@ class Bagel(nn.Module):
         gen_mask = torch.ones(rows, block, dtype=torch.bool, device=device)
         gen_mask[:, 0] = gen_mask[:, -1] = False
         positions = torch.tensor([cache.positions[c] for c in contexts], device=device).repeat_interleave(block)
-        attend = CachedAttention(cache, contexts, [block] * rows, causal=False, device=device)
-        h, _, _ = self.decode(x.flatten(0, 1), Routing(gen_mask.flatten()), positions, attend)
-        return self.llm2vae(h.unflatten(0, (rows, block))[:, 1:-1])
+        attend = CachedAttention(cache, contexts, [block] * rows, False, device, x.dtype, attention)
+        h, _, _ = self.decode(x.flatten(0, 1), Routing(gen_mask.flatten()), positions, attend, gen_mode=True)
+        # llm2vae on the packed 2-D sequence, then the latent rows, as the reference: a GEMM's rounding may
+        # depend on the layout of its input, and a strided 3-D slice takes another kernel. The rows are copied
+        # out: a view returned through FSDP's forward hooks would lose its pre-backward hook to an in-place op.
+        return self.llm2vae(h).unflatten(0, (rows, block))[:, 1:-1].contiguous()

@@ -6,9 +6,18 @@ only the image block against it. Text CFG runs the same block against the text-u
 context (empty for text-to-image; the images without the instruction for editing) and, for
 editing, image CFG against the instruction without the images, all in one packed forward.
 
-Latents are Bagel's patched tokens: x has shape (B, h*w, 4*C) with h = w = resolution / 16, each
-token a 2 x 2 patch of the C-channel FLUX-VAE latent in (patch row, patch col, channel) order. The
-SDE math of rl/ treats them elementwise, and the reference stores exactly this layout.
+Latents are Bagel's patched tokens on their grid: x has shape (B, h, w, 4*C), each token a 2 x 2
+patch of the C-channel FLUX-VAE latent in (patch row, patch col, channel) order, so the token grid
+travels with the latents (decode reads it off them). The SDE math of rl/ treats them elementwise,
+and the reference's (h*w, 4*C) token rows are the same numbers in the same order.
+
+Text-to-image generates resolution x resolution images (h = w = resolution / 16). Editing does as
+Bagel's inferencer: the source image is resized by `ImageTransform(1024, 512, 16)` (long side at
+most 1024, short side at least 512, multiples of 16; here `resolution` and `resolution / 2`, which
+are Bagel's numbers at its default 1024), encoded at that size, and the edit is generated at that
+same shape; the ViT sees the resized source through `ImageTransform(980, 224, 14)`. One encode call
+(one sampling batch) generates at one shape, because rl/ stacks a batch's latents into one tensor:
+edits whose sources resize to different shapes must come in different batches (`encode` says so).
 
 The tokenizer is transformers' Qwen2 tokenizer; the VAE is diffusers' AutoencoderKL loaded from
 Bagel's `ae.safetensors` (the FLUX VAE in BFL key format) through diffusers' LDM converter.
@@ -33,6 +42,9 @@ from titan_flow.models.bagel.model import (
     unpatchify_latents,
 )
 from titan_flow.models.bagel.state_dict_adapter import SPECIAL_TOKENS
+from titan_flow.models.common import tiny
+from titan_flow.models.common.images import to_pil_image
+from titan_flow.models.common.attention import ATTENTION_BACKENDS
 from titan_flow.models.common.schedules import shifted_linear_sigmas
 from titan_flow.models.registry import pipeline_defaults
 
@@ -42,7 +54,7 @@ VAE_SCALING_FACTOR = 0.3611
 VAE_SHIFT_FACTOR = 0.1159
 VAE_NORM_GROUPS = 32  # the BFL autoencoder hard-codes GroupNorm(32, ...)
 VIT_MIN_SIDE = 224  # Bagel's ViT transform: ImageTransform(980, 224, 14)
-VIT_MAX_PIXELS = 14 * 14 * 9 * 1024
+MAX_PIXELS = 14 * 14 * 9 * 1024  # ImageTransform's default pixel budget (both transforms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,50 +159,31 @@ def byte_level_tokenizer():
 
 def tiny_flux_vae(latent_channels: int, seed: int = 0):
     """A random FLUX-architecture VAE (8x downsampling, 32 channels per level) for the debug flavor."""
-    from diffusers import AutoencoderKL
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 32, 32),
-            layers_per_block=1,
-            norm_num_groups=VAE_NORM_GROUPS,
-            latent_channels=latent_channels,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            scaling_factor=VAE_SCALING_FACTOR,
-            shift_factor=VAE_SHIFT_FACTOR,
-        )
+    vae = tiny.with_seed(seed, lambda: tiny.autoencoder(
+        latent_channels, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR, block_out_channels=(32,) * 4,
+        norm_num_groups=VAE_NORM_GROUPS))
     return vae.eval().requires_grad_(False)
 
 
-def _vit_size(height: int, width: int, max_side: int, patch: int) -> tuple[int, int]:
-    """Bagel's ViT resize rule (MaxLongEdgeMinShortEdgeResize): long side <= max, short >= min, multiples of patch."""
-    min_side = min(VIT_MIN_SIDE, max_side)
+def bagel_resize(height: int, width: int, max_side: int, min_side: int, stride: int) -> tuple[int, int]:
+    """(height, width) after Bagel's `MaxLongEdgeMinShortEdgeResize(max_side, min_side, stride, MAX_PIXELS)`.
+
+    Scale so the long side is at most max_side (never up) and the short side at least min_side (the
+    short-side bound wins), round each side to a multiple of stride, then shrink again if the pixel
+    budget or the long-side bound is exceeded. Python's round (half to even), as the reference.
+    """
 
     def scaled(w: float, h: float, scale: float) -> tuple[int, int]:
-        return (max(patch, int(round(round(w * scale) / patch) * patch)), max(patch, int(round(round(h * scale) / patch) * patch)))
+        return (max(stride, int(round(round(w * scale) / stride) * stride)),
+                max(stride, int(round(round(h * scale) / stride) * stride)))
 
     scale = max(min(max_side / max(width, height), 1.0), min_side / min(width, height))
     w, h = scaled(width, height, scale)
-    if w * h > VIT_MAX_PIXELS:
-        w, h = scaled(w, h, VIT_MAX_PIXELS / (w * h))
+    if w * h > MAX_PIXELS:
+        w, h = scaled(w, h, MAX_PIXELS / (w * h))
     if max(w, h) > max_side:
         w, h = scaled(w, h, max_side / max(w, h))
     return h, w
-
-
-def _to_pil(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
-        array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(array)
-    raise TypeError(f"conditioning images must be PIL images or (3, H, W) tensors in [0, 1], got {type(image).__name__}")
 
 
 def _pixels(image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -228,6 +221,7 @@ class BagelPipeline:
         image_guidance_scale: float = 1.0,
         cfg_interval: tuple[float, float] = (0.0, 1.0),
         cfg_renorm_min: float = 0.0,
+        attention_backend: str = "auto",
     ):
         self.device = torch.device(device)
         self.tokenizer = tokenizer
@@ -240,6 +234,7 @@ class BagelPipeline:
                 f"model.resolution: {resolution} must be a positive multiple of {downsample} (VAE downsampling x latent patch)"
             )
         self.resolution = resolution
+        self.downsample = downsample  # pixels per latent token along a side
         self.grid = (resolution // downsample, resolution // downsample)
         self.max_sequence_length = max_sequence_length
         self.timestep_shift = timestep_shift
@@ -248,6 +243,11 @@ class BagelPipeline:
             raise ValueError(f"sampling.cfg_interval: {list(cfg_interval)} must be [lo, hi] with 0 <= lo < hi <= 1")
         self.cfg_interval = tuple(cfg_interval)
         self.cfg_renorm_min = cfg_renorm_min
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"model.attention_backend: {attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        self.attention_backend = attention_backend
         self.special_ids = {field: tokenizer.convert_tokens_to_ids(token) for field, token in SPECIAL_TOKENS.items()}
         unknown = [SPECIAL_TOKENS[f] for f, i in self.special_ids.items() if i is None or i == tokenizer.unk_token_id]
         if unknown:
@@ -271,7 +271,7 @@ class BagelPipeline:
 
         `encoder_dtype` is unused: the backbone is Bagel's text encoder. `options` are the
         constructor's Bagel-specific settings (timestep_shift, image_guidance_scale, cfg_interval,
-        cfg_renorm_min).
+        cfg_renorm_min, attention_backend).
         """
         if negative_prompt:
             raise ValueError(
@@ -316,21 +316,25 @@ class BagelPipeline:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], images=None, model: torch.nn.Module | None = None) -> dict:
-        """Prefill the prompt contexts once; returns the cache and, per sample, its context for each CFG branch.
+        """Prefill the prompt contexts once; returns the cache, per sample its context for each CFG
+        branch, and the latent token grid the batch generates at.
 
         Text-to-image: one cond context per distinct prompt (group members share it) plus one
-        empty text-unconditional context. Editing (`images`, one per prompt): per sample the
-        context [VAE latents, ViT tokens, instruction], the same without the instruction
-        (text-uncond) and the instruction alone (image-uncond).
+        empty text-unconditional context; the grid is resolution / 16 square. Editing (`images`,
+        one per prompt): per sample the context [VAE latents, ViT tokens, instruction], the same
+        without the instruction (text-uncond) and the instruction alone (image-uncond); the grid is
+        the resized sources' (all sources of one call must resize to one shape).
         """
         if model is None:
             raise ValueError("Bagel encodes prompts with the backbone itself: call encode(prompts, model=model)")
         self._check_model(model)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         batch = len(prompts)
+        attention = self.attention_backend
         if images is None:
             unique = list(dict.fromkeys(prompts))
-            cond = model.extend(KVCache.empty(len(unique)), list(range(len(unique))), [TextSplit(self.text_ids(p)) for p in unique])
+            texts = [TextSplit(self.text_ids(p)) for p in unique]
+            cond = model.extend(KVCache.empty(len(unique)), list(range(len(unique))), texts, attention)
             cache = cond.cat(KVCache.empty(1))
             index = torch.tensor([unique.index(p) for p in prompts])
             return {
@@ -338,55 +342,93 @@ class BagelPipeline:
                 "cond_context": index,
                 "text_uncond_context": torch.full((batch,), len(unique)),
                 "image_uncond_context": index,
+                "grid": self.grid,
             }
         if len(images) != batch:
             raise ValueError(f"encode: got {len(images)} images for {batch} prompts; editing takes one image per prompt")
+        sources = self.edit_sources(images)
+        grid = self.edit_grid(sources)
         rows = list(range(batch))
-        images_only = model.extend(KVCache.empty(batch), rows, self._latent_splits(images))
-        images_only = model.extend(images_only, rows, self._vit_splits(model, images))
+        images_only = model.extend(KVCache.empty(batch), rows, self._latent_splits(sources), attention)
+        images_only = model.extend(images_only, rows, self._vit_splits(model, sources), attention)
         texts = [TextSplit(self.text_ids(p)) for p in prompts]
-        full = model.extend(images_only, rows, texts)
-        text_only = model.extend(KVCache.empty(batch), rows, texts)
+        full = model.extend(images_only, rows, texts, attention)
+        text_only = model.extend(KVCache.empty(batch), rows, texts, attention)
         return {
             "cache": full.cat(images_only).cat(text_only),
             "cond_context": torch.arange(batch),
             "text_uncond_context": torch.arange(batch) + batch,
             "image_uncond_context": torch.arange(batch) + 2 * batch,
+            "grid": grid,
         }
 
-    def _latent_splits(self, images) -> list[LatentSplit]:
-        """Clean VAE context images at the output resolution (the VAE posterior mean, not a sample)."""
-        pixels = torch.stack([_pixels(_to_pil(im), self.resolution, self.resolution) for im in images])
-        latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean.float()
-        tokens = patchify_latents(VAE_SCALING_FACTOR * (latents - VAE_SHIFT_FACTOR), self.patch_size)
-        return [LatentSplit(t, *self.grid, timestep=0.0) for t in tokens]
+    def edit_sources(self, images) -> list[Image.Image]:
+        """Source images resized as Bagel's VAE transform does (aspect ratio kept; see the module docstring)."""
+        out = []
+        for image in images:
+            pil = to_pil_image(image)
+            height, width = bagel_resize(pil.height, pil.width, self.resolution, self.resolution // 2, self.downsample)
+            out.append(pil.resize((width, height), Image.BICUBIC))
+        return out
 
-    def _vit_splits(self, model: torch.nn.Module, images) -> list:
+    def edit_grid(self, sources: Sequence[Image.Image]) -> tuple[int, int]:
+        """The latent token grid of resized sources, which must agree: one batch generates at one shape."""
+        grids = [(im.height // self.downsample, im.width // self.downsample) for im in sources]
+        if len(set(grids)) > 1:
+            sizes = sorted({f"{im.height}x{im.width}" for im in sources})
+            raise ValueError(
+                f"encode: Bagel edits at each source image's aspect ratio, and one batch is generated at one shape, "
+                f"but this batch's sources resize to {', '.join(sizes)} (height x width). Give the dataset's images "
+                "one aspect ratio (resize or crop them offline), or make each sampling batch one group "
+                "(sampling.batch_size x world size = sampling.num_image_per_prompt) and set eval.batch_size = 1"
+            )
+        return grids[0]
+
+    def _latent_splits(self, sources: Sequence[Image.Image]) -> list[LatentSplit]:
+        """Clean VAE context images at their (already resized) size: the VAE posterior mean, not a sample.
+
+        Encoded one at a time, so that a sample's context does not depend on what else is in its batch.
+        """
+        splits = []
+        for source in sources:
+            pixels = _pixels(source, source.height, source.width)[None]
+            latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean.float()
+            tokens = patchify_latents(VAE_SCALING_FACTOR * (latents - VAE_SHIFT_FACTOR), self.patch_size)[0]
+            splits.append(LatentSplit(tokens, source.height // self.downsample, source.width // self.downsample))
+        return splits
+
+    def _vit_splits(self, model: torch.nn.Module, sources: Sequence[Image.Image]) -> list:
+        """ViT patches of the resized sources, resized again by Bagel's ViT transform (as its inferencer does)."""
         vit = model.args.vit
         if vit is None:
             raise ValueError("image editing needs the ViT, but this Bagel model was built without one (args.vit is None)")
         splits = []
-        for image in images:
-            pil = _to_pil(image)
-            height, width = _vit_size(pil.height, pil.width, vit.image_size, vit.patch_size)
-            splits.append(patchify_vit_image(_pixels(pil, height, width).to(self.device), vit.patch_size))
+        for source in sources:
+            height, width = bagel_resize(
+                source.height, source.width, vit.image_size, min(VIT_MIN_SIDE, vit.image_size), vit.patch_size
+            )
+            splits.append(patchify_vit_image(_pixels(source, height, width).to(self.device), vit.patch_size))
         return splits
 
     # -- sampling -------------------------------------------------------------------------------
 
     @property
-    def latent_shape(self) -> tuple[int, int]:
-        return (self.grid[0] * self.grid[1], self.patch_size**2 * self.latent_channels)
+    def token_dim(self) -> int:
+        return self.patch_size**2 * self.latent_channels
 
-    def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
-        """N(0, I) latent tokens (n, h*w, 4*C), drawn on the generator's device, then moved."""
+    def initial_noise(
+        self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None, cond: dict | None = None
+    ) -> torch.Tensor:
+        """N(0, I) latent tokens (n, h, w, 4*C) on the grid of `cond` (text-to-image: resolution / 16 square),
+        drawn on the generator's device, then moved."""
+        shape = (*(cond["grid"] if cond is not None else self.grid), self.token_dim)
         if isinstance(generator, (list, tuple)):
             if len(generator) != n:
                 raise ValueError(f"initial_noise: got {len(generator)} generators for {n} samples; pass one per sample")
-            noise = torch.cat([torch.randn((1, *self.latent_shape), generator=g, device=g.device) for g in generator])
+            noise = torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in generator])
         else:
             device = generator.device if generator is not None else self.device
-            noise = torch.randn((n, *self.latent_shape), generator=generator, device=device)
+            noise = torch.randn((n, *shape), generator=generator, device=device)
         return noise.to(self.device)
 
     def velocity(
@@ -397,12 +439,26 @@ class BagelPipeline:
         cond: dict,
         guidance_scale: float,
     ) -> torch.Tensor:
-        """fp32 velocity at flow time sigma (B,), with text (and image) CFG in one packed forward.
+        """fp32 velocity (B, h, w, 4*C) at flow time sigma (B,), with text (and image) CFG in one packed forward.
 
         CFG applies to the samples whose sigma lies in (cfg_interval[0], cfg_interval[1]]; with
         guidance <= 1 only the conditional branch runs. Differentiable in the generation expert
         through every branch (training reuses it; the caches are constants).
+
+        The branches come out of the backbone in its compute dtype; CFG and the renorm (`guide`) run
+        in fp32, where the reference runs them in bf16. Kept on purpose: rl/ computes the SDE step and
+        its log-prob in fp32, and a bf16 guided velocity adds the rounding of s (v_c - v_u), s times
+        larger than the branches' own. Measured against the unmodified reference in bf16 (CPU
+        autocast; the 2-layer parity model of tests/test_bagel_parity.py; both branches bitwise
+        equal to the reference's; text CFG 5, global renorm): max |difference| 1.15e-2 where
+        max |v| = 2.3, i.e. 5.0e-3 of it (one bf16 ulp at 2.3 is 1.56e-2).
         """
+        grid = tuple(x.shape[1:3])
+        if grid != tuple(cond["grid"]):
+            raise ValueError(
+                f"velocity: latents on a {grid[0]}x{grid[1]} token grid, but the condition was encoded for "
+                f"{cond['grid'][0]}x{cond['grid'][1]}; draw the noise with initial_noise(n, generator, cond)"
+            )
         t = sigma.float().to(x.device)
         lo, hi = self.cfg_interval
         guided = (t > lo) & (t <= hi)
@@ -415,7 +471,9 @@ class BagelPipeline:
             branches.append(cond["image_uncond_context"])
         contexts = torch.cat(branches).tolist()
         repeats = len(branches)
-        v = model.denoise(cond["cache"], contexts, x.repeat(repeats, 1, 1), t.repeat(repeats), self.grid).float()
+        tokens = x.flatten(1, 2).repeat(repeats, 1, 1)
+        v = model.denoise(cond["cache"], contexts, tokens, t.repeat(repeats), grid, self.attention_backend)
+        v = v.float().unflatten(1, grid)
         if not text_cfg:
             return v
         parts = v.chunk(repeats)
@@ -427,12 +485,13 @@ class BagelPipeline:
             self.image_guidance_scale,
             self.cfg_renorm_min,
         )
-        return torch.where(guided.view(-1, 1, 1), v_guided, parts[0])
+        return torch.where(guided.view(-1, 1, 1, 1), v_guided, parts[0])
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latent tokens (B, h*w, 4*C) -> float NCHW images in [0, 1]."""
-        z = unpatchify_latents(latents.float(), *self.grid, self.patch_size)
+        """Latent tokens (B, h, w, 4*C) -> float NCHW images (B, 3, 16h, 16w) in [0, 1]."""
+        _, height, width, _ = latents.shape
+        z = unpatchify_latents(latents.float().flatten(1, 2), height, width, self.patch_size)
         z = z / VAE_SCALING_FACTOR + VAE_SHIFT_FACTOR
         images = self.vae.decode(z.to(self.device, self.vae.dtype), return_dict=False)[0]
         return (images.float() * 0.5 + 0.5).clamp(0, 1)

@@ -56,12 +56,16 @@ class TimestepEmbedding(nn.Module):
 
 
 class TextProjection(nn.Module):
-    """PixArt-alpha projection of a pooled text embedding: linear_2(SiLU(linear_1(y)))."""
+    """PixArt-alpha projection of a text embedding: linear_2(act(linear_1(y))), act SiLU (SD3's pooled
+    text) or tanh-GELU ("gelu_tanh", Wan's UMT5 sequence)."""
 
-    def __init__(self, in_features: int, hidden_size: int):
+    def __init__(self, in_features: int, hidden_size: int, act: str = "silu"):
         super().__init__()
+        acts = {"silu": nn.SiLU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+        if act not in acts:
+            raise ValueError(f"TextProjection: act {act!r} is not one of {sorted(acts)}")
         self.linear_1 = nn.Linear(in_features, hidden_size)
-        self.act_1 = nn.SiLU()
+        self.act_1 = acts[act]()
         self.linear_2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,12 +19,13 @@ class GELUProjection(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """dim -> mult*dim -> dim_out MLP with GELU-tanh, biases on both layers."""
+    """dim -> inner (default mult*dim) -> dim_out MLP with GELU-tanh, biases on both layers."""
 
-    def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4):
+    def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4, inner_dim: int | None = None):
         super().__init__()
+        inner = inner_dim or mult * dim
         # net.1 is the dropout slot in diffusers; Identity keeps the checkpoint's key numbering.
-        self.net = nn.Sequential(GELUProjection(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim_out or dim))
+        self.net = nn.Sequential(GELUProjection(dim, inner), nn.Identity(), nn.Linear(inner, dim_out or dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

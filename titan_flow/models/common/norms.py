@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
@@ -17,19 +18,26 @@ class RMSNorm(nn.Module):
     - default (diffusers `RMSNorm`): normalise, cast to the weight dtype if that is fp16/bf16,
       then multiply by the weight;
     - `weight_after_cast=True` (HF `Qwen2RMSNorm`, used by Bagel): normalise in fp32, cast back
-      to the input dtype, then multiply by the weight.
+      to the input dtype, then multiply by the weight;
+    - `scale_in_fp32=True` (`torch.nn.RMSNorm`, which diffusers' FLUX uses): normalise and multiply by
+      the weight in fp32, round once at the end.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, weight_after_cast: bool = False):
+    def __init__(self, dim: int, eps: float = 1e-6, weight_after_cast: bool = False, scale_in_fp32: bool = False):
         super().__init__()
+        if weight_after_cast and scale_in_fp32:
+            raise ValueError("RMSNorm: choose at most one of weight_after_cast and scale_in_fp32")
         self.eps = eps
         self.weight_after_cast = weight_after_cast
+        self.scale_in_fp32 = scale_in_fp32
         self.weight = nn.Parameter(torch.ones(dim))
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale_in_fp32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         if self.weight_after_cast:
             x32 = x.float()
             x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -39,6 +47,19 @@ class RMSNorm(nn.Module):
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
         return x * self.weight
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input and weight dtypes, returned in the input's dtype.
+
+    For backbones that keep their norms in fp32 under bf16 (Wan's `_keep_in_fp32_modules`): the
+    weights (when affine) are read as fp32 even if FSDP hands them over in bf16.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 def _layer_norm(dim: int) -> nn.LayerNorm:
@@ -65,6 +86,23 @@ class AdaLayerNormZero(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.linear(self.silu(emb)).chunk(6, dim=1)
         x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
         return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class AdaLayerNormZeroSingle(nn.Module):
+    """adaLN-zero of a single-stream block (FLUX): (shift, scale, gate) for one residual branch.
+
+    Returns the modulated LN(x) and the gate.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(dim, 3 * dim)
+        self.norm = _layer_norm(dim)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift, scale, gate = self.linear(self.silu(emb)).chunk(3, dim=1)
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None], gate
 
 
 class AdaLayerNormZeroX(AdaLayerNormZero):

@@ -3,8 +3,7 @@
 Every function returns T denoising steps as T+1 sigmas ending in an exact 0. The SD3 schedule is
 computed the way diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps` computes it, so the
 sigmas (and the timesteps 1000*sigma the SD3 backbone sees) are bitwise those of the published
-pipelines; the dynamic (FLUX / Qwen-Image) schedules are computed in float64 and agree with diffusers
-to float32 rounding.
+pipelines; so are the dynamic (FLUX / Qwen-Image) schedules, which the scheduler shifts in float32.
 """
 
 from __future__ import annotations
@@ -82,15 +81,16 @@ def flux_mu(
 def dynamic_shift_sigmas(num_steps: int, mu: float, shift_terminal: float | None = None) -> torch.Tensor:
     """FLUX / Qwen-Image: linspace(1, 1/T, T) then the exponential time shift with exponent mu.
 
-    Matches their pipelines (which pass these sigmas and mu to a `use_dynamic_shifting` scheduler)
-    to float32 rounding; Qwen-Image additionally stretches to `shift_terminal`.
+    Bitwise what their pipelines get from a `use_dynamic_shifting` scheduler given these sigmas and
+    mu: the grid is rounded to float32 and shifted (and for Qwen-Image stretched to `shift_terminal`)
+    in float32, in the scheduler's order of operations.
     """
     _check_num_steps(num_steps)
-    grid = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    grid = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
     sigmas = _shift_exponential(grid, mu)
     if shift_terminal is not None:
         sigmas = _stretch_to_terminal(sigmas, shift_terminal)
-    return _with_terminal_zero(sigmas)
+    return _with_terminal_zero(torch.from_numpy(sigmas))
 
 
 def shifted_linear_sigmas(num_steps: int, shift: float) -> torch.Tensor:
@@ -102,3 +102,32 @@ def shifted_linear_sigmas(num_steps: int, shift: float) -> torch.Tensor:
     _check_num_steps(num_steps)
     grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32)
     return _shift_static(grid, shift)
+
+
+UNIPC_GRIDS = ("flow_grpo", "diffusers")
+
+
+def unipc_flow_sigmas(num_steps: int, shift: float, grid: str = "flow_grpo") -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan: the flow-sigma table of `UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift)`.
+
+    Returns (sigmas (T+1,) fp32 ending in 0, timesteps (T,) int64). The timesteps are the scheduler's
+    integer values int64(1000 sigma), truncated from the float64 sigmas (not from the fp32 ones, which
+    can land just below an integer), and are what the Wan backbone is fed. Two grids, because
+    diffusers changed the table in 0.37:
+      "flow_grpo": diffusers <= 0.36, which flow_grpo pins (0.33.1) and trained with:
+                   a = linspace(1, 1/1000, T+1), sigma = flip(shift(1 - a))[:-1] (sigma_0 = 0.99967 at s=3);
+      "diffusers": diffusers >= 0.37 (the installed one): u = linspace(1, 1/1000, T+1)[:-1],
+                   sigma = shift(u), and sigma_0 -= 1e-6 when it is 1.
+    """
+    _check_num_steps(num_steps)
+    if grid not in UNIPC_GRIDS:
+        raise ValueError(f"unipc_flow_sigmas: grid {grid!r} is not one of {UNIPC_GRIDS}")
+    grid_points = np.linspace(1, 1 / NUM_TRAIN_TIMESTEPS, num_steps + 1)
+    if grid == "flow_grpo":
+        sigmas = np.flip(_shift_static(1.0 - grid_points, shift))[:-1].copy()
+    else:
+        sigmas = _shift_static(grid_points[:-1], shift)
+        if abs(sigmas[0] - 1) < 1e-6:
+            sigmas[0] -= 1e-6
+    timesteps = torch.from_numpy((sigmas * NUM_TRAIN_TIMESTEPS).astype(np.int64))
+    return _with_terminal_zero(torch.from_numpy(sigmas)), timesteps

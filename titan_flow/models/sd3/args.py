@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from titan_flow.models.common.state_dict import diffusers_config_kwargs
+
 DIFFUSERS_CLASS_NAME = "SD3Transformer2DModel"
 QK_NORMS = (None, "rms_norm")
 
@@ -62,14 +64,7 @@ class SD3Args:
         An unknown non-metadata key raises: it would be an architecture option this port does not
         implement, and silently dropping it could build a different network.
         """
-        class_name = config.get("_class_name", DIFFUSERS_CLASS_NAME)
-        if class_name != DIFFUSERS_CLASS_NAME:
-            raise ValueError(f"SD3 config: _class_name is {class_name!r}, expected {DIFFUSERS_CLASS_NAME!r}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in names)
-        if unknown:
-            raise ValueError(f"SD3 config: unsupported keys {unknown}; this port implements only {sorted(names)}")
-        kwargs = {k: v for k, v in config.items() if k in names}
+        kwargs = diffusers_config_kwargs(cls, config, DIFFUSERS_CLASS_NAME, "SD3")
         if kwargs.get("out_channels", 0) is None:  # diffusers: None means "same as in_channels"
             kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
         if kwargs.get("pos_embed_max_size", 0) is None:

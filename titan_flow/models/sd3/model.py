@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from titan_flow.models.common.attention import attention
+from titan_flow.models.common.attention import attention, merge_heads, split_heads
 from titan_flow.models.common.embeddings import (
     TextProjection,
     TimestepEmbedding,
@@ -78,16 +78,6 @@ class TimestepTextEmbedding(nn.Module):
     def forward(self, timestep: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         t_features = timestep_sinusoid(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=0.0)
         return self.timestep_embedder(t_features.to(pooled.dtype)) + self.text_embedder(pooled)
-
-
-def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, L, H*Dh) -> (B, H, L, Dh)."""
-    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, Dh) -> (B, L, H*Dh)."""
-    return x.transpose(1, 2).flatten(2)
 
 
 class SelfAttention(nn.Module):

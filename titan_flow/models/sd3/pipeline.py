@@ -9,9 +9,6 @@ here (the trainer builds our own `SD3Transformer` and passes it in). Every step 
 from __future__ import annotations
 
 import json
-import shutil
-import string
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +16,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from titan_flow.models.common import tiny
+from titan_flow.models.common.latents import draw_noise
+from titan_flow.models.common.pipeline_files import check_layout, scheduler_config
 from titan_flow.models.common.schedules import NUM_TRAIN_TIMESTEPS, static_shift_sigmas
 from titan_flow.models.registry import pipeline_defaults
 from titan_flow.models.sd3.args import FLAVORS
@@ -46,26 +46,11 @@ _UNSUPPORTED_SCHEDULER_FLAGS = (
 
 
 def _check_layout(root: Path) -> None:
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"model.pretrained_path: {str(root)!r} is not a directory; give a local diffusers SD3 pipeline "
-            "directory (e.g. a snapshot of stabilityai/stable-diffusion-3.5-medium), or '' for the tiny random one"
-        )
-    for sub, (what, alternatives) in _LAYOUT.items():
-        if not any(all((root / sub / name).is_file() for name in files) for files in alternatives):
-            expected = " or ".join("+".join(files) for files in alternatives)
-            raise FileNotFoundError(
-                f"model.pretrained_path: {root / sub} must hold the {what} ({expected}), but it does not; "
-                "is this a diffusers StableDiffusion3Pipeline directory?"
-            )
+    check_layout(root, _LAYOUT, "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-medium")
 
 
 def _read_scheduler_config(root: Path) -> tuple[float, float | None]:
-    path = root / "scheduler" / "scheduler_config.json"
-    config = json.loads(path.read_text())
-    enabled = [flag for flag in _UNSUPPORTED_SCHEDULER_FLAGS if config.get(flag)]
-    if enabled:
-        raise ValueError(f"{path}: {enabled} are not supported for SD3; only the static `shift` schedule is")
+    path, config = scheduler_config(root, _UNSUPPORTED_SCHEDULER_FLAGS, "SD3; only the static `shift` schedule is")
     if config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS) != NUM_TRAIN_TIMESTEPS:
         raise ValueError(
             f"{path}: num_train_timesteps must be {NUM_TRAIN_TIMESTEPS}, got {config['num_train_timesteps']}"
@@ -76,6 +61,7 @@ def _read_scheduler_config(root: Path) -> tuple[float, float | None]:
 def pretrained_defaults(pretrained_path: str) -> dict:
     """`StableDiffusion3Pipeline.__call__`'s defaults for this directory: 28 steps, CFG 7.0, 256 T5 tokens,
     and height = width = the transformer's `sample_size` x the VAE's downsampling (1024 for SD3.5).
+
     The path may also be a bare transformer directory or a single-file checkpoint (what the backbone
     loader accepts); what it does not hold takes the published SD3 values (sample_size 128, VAE 8x).
     A pixel-space shapes directory records its own (models/sd3/shapes.py).
@@ -255,18 +241,12 @@ class SD3Pipeline:
             "negative_pooled_prompt_embeds": self.negative_pooled_prompt_embeds.expand(batch, -1),
         }
 
-    def initial_noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
-        """N(0, I) latents drawn on the generator's device (as diffusers' randn_tensor does), then moved."""
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != n:
-                raise ValueError(f"initial_noise: got {len(generator)} generators for {n} samples; pass one per sample")
-            noise = torch.cat(
-                [torch.randn((1, *self.latent_shape), generator=g, device=g.device) for g in generator]
-            )
-        else:
-            device = generator.device if generator is not None else self.device
-            noise = torch.randn((n, *self.latent_shape), generator=generator, device=device)
-        return noise.to(self.device)
+    def initial_noise(
+        self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None, cond: dict | None = None
+    ) -> torch.Tensor:
+        """N(0, I) latents drawn on the generator's device (as diffusers' randn_tensor does), then moved;
+        `cond` is unused (the latent shape is the resolution's)."""
+        return draw_noise(n, self.latent_shape, generator, self.device)
 
     def velocity(
         self,
@@ -320,55 +300,6 @@ class SD3Pipeline:
 # The tiny random pipeline (tests, the debug job): a complete diffusers-format directory that
 # diffusers' StableDiffusion3Pipeline.from_pretrained and SD3Pipeline.load both read, no downloads.
 
-_TINY_WORDS = (
-    "a an the of on in with and photo picture image cat dog red blue green sign that says "
-    "two three four car tree house person"
-).split()
-
-
-def _tiny_clip_tokenizer(out_dir: Path) -> None:
-    """Byte-level BPE in CLIP's format (vocab.json + merges.txt): every byte, plus whole-word merges."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    bytes_alphabet = sorted(ByteLevel.alphabet())
-    vocab = {token: i for i, token in enumerate(bytes_alphabet + [c + "</w>" for c in bytes_alphabet])}
-    merges = []
-    for word in _TINY_WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
-            pieces = [pair[0] + pair[1]] + pieces[2:]
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-
-    out_dir.mkdir(parents=True)
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    special_tokens = {
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-    }
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, **special_tokens}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-
-
-def _tiny_t5_tokenizer(out_dir: Path):
-    """Unigram vocabulary in T5's layout (pad 0, eos 1, unk 2): whole words beat spelling them out."""
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-    pieces += [("\u2581" + word, -2.0) for word in _TINY_WORDS]
-    pieces += [(char, -5.0) for char in string.ascii_letters + string.digits + string.punctuation]
-    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
-    tokenizer.save_pretrained(out_dir)
-    return tokenizer
-
-
 def build_tiny_sd3_pipeline(seed: int = 0):
     """A random diffusers `StableDiffusion3Pipeline` whose shapes match the "debug" backbone flavor.
 
@@ -377,93 +308,27 @@ def build_tiny_sd3_pipeline(seed: int = 0):
     random diffusers `SD3Transformer2DModel` with the debug config so diffusers can run the whole
     pipeline as a reference. Every component is seeded from `seed`, so the directory is reproducible.
     """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     debug = FLAVORS["debug"]
     # CLIP-L gets a third of the pooled width, CLIP-G the rest (SD3: 768 + 1280); hidden = projection width.
     clip_l_width = debug.pooled_projection_dim // 3
     clip_widths = (clip_l_width, debug.pooled_projection_dim - clip_l_width)
-
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        _tiny_clip_tokenizer(scratch / "clip")
-        clip_tokenizer = CLIPTokenizer.from_pretrained(scratch / "clip")
-        t5_tokenizer = _tiny_t5_tokenizer(scratch / "t5")
-
-    def seeded(offset: int, build):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + offset)
-            return build()
-
-    def clip_encoder(width: int, hidden_act: str) -> CLIPTextModelWithProjection:
-        config = CLIPTextConfig(
-            vocab_size=len(clip_tokenizer),
-            hidden_size=width,
-            intermediate_size=2 * width,
-            projection_dim=width,
-            hidden_act=hidden_act,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=clip_tokenizer.bos_token_id,
-            eos_token_id=clip_tokenizer.eos_token_id,
-            pad_token_id=clip_tokenizer.pad_token_id,
-        )
-        return CLIPTextModelWithProjection(config)
-
-    t5_config = T5Config(
-        vocab_size=len(t5_tokenizer),
-        d_model=debug.joint_attention_dim,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        pad_token_id=t5_tokenizer.pad_token_id,
-        eos_token_id=t5_tokenizer.eos_token_id,
-    )
-    vae_args = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplings: 8x
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=debug.in_channels,
-        sample_size=debug.sample_size * 8,
-        scaling_factor=1.5305,  # SD3's VAE constants
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    clip_tokenizer, t5_tokenizer = tiny.clip_tokenizer(), tiny.t5_tokenizer()
     return StableDiffusion3Pipeline(
-        transformer=seeded(1, lambda: SD3Transformer2DModel(**asdict(debug))),
+        transformer=tiny.seeded(seed, 1, lambda: SD3Transformer2DModel(**asdict(debug))),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=seeded(2, lambda: AutoencoderKL(**vae_args)),
-        text_encoder=seeded(3, lambda: clip_encoder(clip_widths[0], "quick_gelu")),
+        # SD3's VAE constants
+        vae=tiny.seeded(seed, 2, lambda: tiny.autoencoder(debug.in_channels, 1.5305, 0.0609, debug.sample_size * 8)),
+        text_encoder=tiny.seeded(seed, 3, lambda: tiny.clip_text_encoder(clip_tokenizer, clip_widths[0], "quick_gelu")),
         tokenizer=clip_tokenizer,
-        text_encoder_2=seeded(4, lambda: clip_encoder(clip_widths[1], "gelu")),
+        text_encoder_2=tiny.seeded(seed, 4, lambda: tiny.clip_text_encoder(clip_tokenizer, clip_widths[1], "gelu")),
         tokenizer_2=clip_tokenizer,
-        text_encoder_3=seeded(5, lambda: T5EncoderModel(t5_config)),
+        text_encoder_3=tiny.seeded(seed, 5, lambda: tiny.t5_encoder(t5_tokenizer, debug.joint_attention_dim)),
         tokenizer_3=t5_tokenizer,
     )
 
 
 def build_tiny_sd3_pipeline_dir(out_dir: str | Path, seed: int = 0) -> Path:
     """Write `build_tiny_sd3_pipeline(seed)` as a diffusers pipeline directory (what tests load)."""
-    out_dir = Path(out_dir)
-    build_tiny_sd3_pipeline(seed).save_pretrained(out_dir, is_main_process=True)
-    for name in ("tokenizer", "tokenizer_2"):  # the published layout: CLIP tokenizers as vocab.json + merges.txt
-        shutil.rmtree(out_dir / name)
-        _tiny_clip_tokenizer(out_dir / name)
-    return out_dir
+    return tiny.save_pipeline_dir(build_tiny_sd3_pipeline(seed), out_dir, ("tokenizer", "tokenizer_2"))

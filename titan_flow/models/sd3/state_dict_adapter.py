@@ -8,30 +8,30 @@ and stores the continuous adaLN halves as (shift, scale); one key table drives b
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from titan_flow.models.common.state_dict import check_keys, listing
+from titan_flow.models.common.state_dict import (
+    KeyRule,
+    block_indices,
+    build_loaded,
+    check_keys,
+    from_original_keys,
+    linear_rules,
+    load_diffusers_dir,
+    read_safetensors,
+    state_dict_of,
+    to_original_keys,
+    write_diffusers_dir,
+)
 from titan_flow.models.sd3.args import SD3Args
 from titan_flow.models.sd3.model import SD3Transformer
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 ORIGINAL_PREFIX = "model.diffusion_model."
 SAI_HEAD_DIM = 64  # every SAI MMDiT uses 64-wide heads (hidden = 64 * depth)
-
-
-
-def _block_indices(keys, prefix: str) -> list[int]:
-    return sorted({int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)})
 
 
 def infer_args(state_dict: dict[str, torch.Tensor], head_dim: int | None = None) -> SD3Args:
@@ -50,7 +50,7 @@ def infer_args(state_dict: dict[str, torch.Tensor], head_dim: int | None = None)
         out_features = state_dict["proj_out.weight"].shape[0]
     except KeyError as e:
         raise ValueError(f"not an SD3 transformer state dict: key {e} is missing") from None
-    layers = _block_indices(state_dict, "transformer_blocks.")
+    layers = block_indices(state_dict, "transformer_blocks.")
     if not layers:
         raise ValueError("not an SD3 transformer state dict: no transformer_blocks.* keys")
     norm_q = state_dict.get("transformer_blocks.0.attn.norm_q.weight")
@@ -104,18 +104,14 @@ def to_diffusers(state_dict: dict[str, torch.Tensor], args: SD3Args | None = Non
 # --- SAI single-file format -------------------------------------------------------------------
 
 
-def _original_key_table(
-    num_layers: int, dual_layers: set[int], qk_norm: bool
-) -> list[tuple[str, tuple[str, ...], str]]:
-    """(original key, our keys, how): 'copy', 'qkv' (original is [q; k; v] along dim 0) or 'swap'
-    (original stores (shift, scale), ours (scale, shift))."""
+def _original_key_table(num_layers: int, dual_layers: set[int], qk_norm: bool) -> list[KeyRule]:
+    """The rules of every original key: fused q/k/v are split in three, the continuous adaLN halves swapped."""
     table = []
 
     def add(original: str, ours: list[str], how: str = "copy", suffixes=("weight", "bias")):
-        for s in suffixes:
-            table.append((f"{original}.{s}", tuple(f"{o}.{s}" for o in ours), how))
+        table.extend(linear_rules(original, ours, how, suffixes=suffixes))
 
-    table.append(("pos_embed", ("pos_embed.pos_embed",), "copy"))
+    table.append(KeyRule("pos_embed", ("pos_embed.pos_embed",)))
     add("x_embedder.proj", ["pos_embed.proj"])
     add("t_embedder.mlp.0", ["time_text_embed.timestep_embedder.linear_1"])
     add("t_embedder.mlp.2", ["time_text_embed.timestep_embedder.linear_2"])
@@ -125,8 +121,8 @@ def _original_key_table(
     for i in range(num_layers):
         last = i == num_layers - 1
         x, c, b = f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block", f"transformer_blocks.{i}"
-        add(f"{x}.attn.qkv", [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"], "qkv")
-        add(f"{c}.attn.qkv", [f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"], "qkv")
+        add(f"{x}.attn.qkv", [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"], "split")
+        add(f"{c}.attn.qkv", [f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"], "split")
         if qk_norm:
             add(f"{x}.attn.ln_q", [f"{b}.attn.norm_q"], suffixes=("weight",))
             add(f"{x}.attn.ln_k", [f"{b}.attn.norm_k"], suffixes=("weight",))
@@ -136,7 +132,7 @@ def _original_key_table(
         if not last:
             add(f"{c}.attn.proj", [f"{b}.attn.to_add_out"])
         if i in dual_layers:
-            add(f"{x}.attn2.qkv", [f"{b}.attn2.to_q", f"{b}.attn2.to_k", f"{b}.attn2.to_v"], "qkv")
+            add(f"{x}.attn2.qkv", [f"{b}.attn2.to_q", f"{b}.attn2.to_k", f"{b}.attn2.to_v"], "split")
             if qk_norm:
                 add(f"{x}.attn2.ln_q", [f"{b}.attn2.norm_q"], suffixes=("weight",))
                 add(f"{x}.attn2.ln_k", [f"{b}.attn2.norm_k"], suffixes=("weight",))
@@ -153,83 +149,30 @@ def _original_key_table(
     return table
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
-def _raise_on_leftovers(source: str, missing: list[str], unexpected: list[str]) -> None:
-    problems = [
-        f"{n}: {listing(sorted(k))}" for n, k in (("missing keys", missing), ("unexpected keys", unexpected)) if k
-    ]
-    if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
-
-
 def from_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SAI single-file keys -> ours. With the `model.diffusion_model.` prefix present, keys outside
     it (VAE, text encoders bundled in the same file) are ignored."""
     if any(k.startswith(ORIGINAL_PREFIX) for k in state_dict):
         state_dict = {k[len(ORIGINAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(ORIGINAL_PREFIX)}
-    layers = _block_indices(state_dict, "joint_blocks.")
+    layers = block_indices(state_dict, "joint_blocks.")
     if not layers:
         raise ValueError("not an SD3 single-file checkpoint: no (model.diffusion_model.)joint_blocks.* keys")
-    dual = set(_block_indices([k for k in state_dict if ".x_block.attn2." in k], "joint_blocks."))
+    dual = set(block_indices([k for k in state_dict if ".x_block.attn2." in k], "joint_blocks."))
     table = _original_key_table(layers[-1] + 1, dual, qk_norm=any(".ln_q." in k for k in state_dict))
-    out, missing = {}, []
-    for original, ours, how in table:
-        if original not in state_dict:
-            missing.append(original)
-            continue
-        t = state_dict[original]
-        parts = t.chunk(3, dim=0) if how == "qkv" else (_swap_halves(t) if how == "swap" else t,)
-        out.update(zip(ours, parts))
-    _raise_on_leftovers("SD3 single-file checkpoint", missing, sorted(set(state_dict) - {o for o, _, _ in table}))
-    return out
+    return from_original_keys(state_dict, table, "SD3 single-file checkpoint")
 
 
 def to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Ours -> SAI single-file keys (with the `model.diffusion_model.` prefix); inverse of from_original."""
-    layers = _block_indices(state_dict, "transformer_blocks.")
+    layers = block_indices(state_dict, "transformer_blocks.")
     if not layers:
         raise ValueError("not an SD3 transformer state dict: no transformer_blocks.* keys")
-    dual = set(_block_indices([k for k in state_dict if ".attn2." in k], "transformer_blocks."))
+    dual = set(block_indices([k for k in state_dict if ".attn2." in k], "transformer_blocks."))
     table = _original_key_table(layers[-1] + 1, dual, qk_norm=any(".attn.norm_q." in k for k in state_dict))
-    out, missing = {}, []
-    for original, ours, how in table:
-        if any(k not in state_dict for k in ours):
-            missing.extend(k for k in ours if k not in state_dict)
-            continue
-        parts = [state_dict[k] for k in ours]
-        t = torch.cat(parts, dim=0) if how == "qkv" else (_swap_halves(parts[0]) if how == "swap" else parts[0])
-        out[ORIGINAL_PREFIX + original] = t
-    _raise_on_leftovers("SD3 state dict", missing, sorted(set(state_dict) - {k for _, ours, _ in table for k in ours}))
-    return out
+    return to_original_keys(state_dict, table, "SD3 state dict", prefix=ORIGINAL_PREFIX)
 
 
 # --- files ------------------------------------------------------------------------------------
-
-
-def _read_safetensors(files: list[Path], device: torch.device | str) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"SD3 checkpoint shard {f} is listed in the index but does not exist")
-        with safe_open(str(f), framework="pt", device=str(device)) as reader:
-            for key in reader.keys():
-                tensors[key] = reader.get_tensor(key)
-    return tensors
-
-
-def _transformer_dir(path: Path) -> Path:
-    """The diffusers transformer directory: `path` itself, or `path/transformer` for a pipeline root."""
-    for candidate in (path, path / "transformer"):
-        if (candidate / CONFIG_NAME).is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"no {CONFIG_NAME} in {path} (nor in {path / 'transformer'}): expected a diffusers SD3 transformer "
-        "directory, a diffusers pipeline directory, or an SAI single-file .safetensors checkpoint"
-    )
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[SD3Args, dict[str, torch.Tensor]]:
@@ -241,29 +184,14 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         if path.suffix != ".safetensors":
             raise ValueError(f"SD3 checkpoint {path}: a single file must be an SAI .safetensors checkpoint")
         try:
-            state_dict = from_original(_read_safetensors([path], device))
+            state_dict = from_original(read_safetensors([path], device, "SD3 checkpoint"))
             args = infer_args(state_dict)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         check_state_dict(state_dict, args, source=f"SD3 single-file checkpoint {path}")
         return args, state_dict
 
-    directory = _transformer_dir(path)
-    try:
-        args = SD3Args.from_diffusers_config(json.loads((directory / CONFIG_NAME).read_text()))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{directory / CONFIG_NAME}: {e}") from None
-    if (directory / INDEX_NAME).is_file():
-        weight_map = json.loads((directory / INDEX_NAME).read_text())["weight_map"]
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-    elif (directory / WEIGHTS_NAME).is_file():
-        files = [directory / WEIGHTS_NAME]
-    else:
-        raise FileNotFoundError(
-            f"no {WEIGHTS_NAME} (or sharded {INDEX_NAME}) in {directory}; it holds: "
-            f"{sorted(p.name for p in directory.iterdir())}"
-        )
-    state_dict = _read_safetensors(files, device)
+    args, state_dict, directory = load_diffusers_dir(path, "SD3 transformer", SD3Args.from_diffusers_config, device)
     check_state_dict(state_dict, args, source=f"SD3 checkpoint {directory}")
     return args, state_dict
 
@@ -273,22 +201,7 @@ def from_pretrained(
 ) -> SD3Transformer:
     """Our model with the checkpoint's weights, built on meta so no memory goes to a throwaway init."""
     args, state_dict = load_checkpoint(path, device)
-    with torch.device("meta"):
-        model = SD3Transformer(args)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype)
-
-
-_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", size.upper())
-    if not match:
-        raise ValueError(f"max_shard_size={size!r}: use bytes (int) or a string like '5GB' or '500MB'")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    return build_loaded(SD3Transformer, args, state_dict, dtype, device)
 
 
 def save_diffusers(
@@ -299,41 +212,5 @@ def save_diffusers(
 ) -> Path:
     """Write a diffusers transformer directory (config.json + safetensors, sharded above
     `max_shard_size`) that `SD3Transformer2DModel.from_pretrained(out_dir)` loads."""
-    state_dict = model_or_state_dict
-    if isinstance(model_or_state_dict, nn.Module):
-        state_dict = model_or_state_dict.state_dict()
-    state_dict = to_diffusers(state_dict, args)
-    limit = _parse_size(max_shard_size)
-
-    shards: list[list[str]] = [[]]
-    shard_bytes = 0
-    for key, t in state_dict.items():
-        size = t.numel() * t.element_size()
-        if shards[-1] and shard_bytes + size > limit:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].append(key)
-        shard_bytes += size
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("diffusion_pytorch_model*.safetensors*"):  # an older save's shards or index
-        stale.unlink()
-    (out_dir / CONFIG_NAME).write_text(json.dumps(args.to_diffusers_config(), indent=2) + "\n")
-    names = (
-        [WEIGHTS_NAME]
-        if len(shards) == 1
-        else [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    for name, keys in zip(names, shards):
-        # clone: views (e.g. q/k/v chunks of a fused tensor) share storage, which safetensors refuses.
-        tensors = {k: state_dict[k].detach().to("cpu", copy=True).contiguous() for k in keys}
-        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state_dict.values())
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
-        }
-        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    return out_dir
+    state_dict = to_diffusers(dict(state_dict_of(model_or_state_dict)), args)
+    return write_diffusers_dir(state_dict, args.to_diffusers_config(), out_dir, max_shard_size)

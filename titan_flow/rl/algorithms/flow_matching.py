@@ -61,7 +61,9 @@ class FlowMatchingAlgorithm(OnlineAlgorithm):
         """(per-sample mean squared error of the velocity at x_sigma against the target eps - x0, the velocity)."""
         s = sigma.view(-1, *([1] * (x0.dim() - 1)))
         x_t = (1 - s) * x0 + s * eps
-        v = self.policy.velocity(module, x_t, sigma, cond, 1.0)
+        # Without CFG (scale 1); a guidance-distilled policy (FLUX) keeps its guidance input at the sampling value.
+        guidance = self.cfg.sampling.guidance_scale if getattr(self.policy, "guidance_distilled", False) else 1.0
+        v = self.policy.velocity(module, x_t, sigma, cond, guidance)
         return (v - (eps - x0)).square().flatten(1).mean(1), v
 
     def optim_scalars(self, grad_norms):
