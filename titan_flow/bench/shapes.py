@@ -3,11 +3,12 @@
     python -m titan_flow.bench.shapes [--epochs 60] [--nproc 2] [--algorithms grpo,fast,cps,guard,dpo,online_sft]
                                       [--out outputs/bench_shapes] [--section.key value ...]
 
-Every algorithm starts from the shipped shapes model and runs the embedded default job (the shapes
-GRPO demo: its prompts, reward, rollout batch and eval set) for the same number of epochs, i.e. the
-same number of sampled images, with only its own settings changed (below). Each run evaluates the
-shipped model before its first epoch (the same weights and seeds for every run, so the same figure)
-and its EMA weights after the last (ODE, the held-out eval set), and the table gives the overall strict accuracy before and after, the
+Every algorithm starts from the shipped shapes model and runs the shapes GRPO demo
+(train_configs/shapes_grpo.toml, or --config: its model, prompts, reward, rollout batch and eval set;
+run from the repository root) for the same number of epochs, i.e. the same number of sampled images,
+with only its own settings changed (below). Each run evaluates the shipped model before its first
+epoch (the same weights and seeds for every run, so the same figure) and its EMA weights after the
+last (ODE, the held-out eval set), and the table gives the overall strict accuracy before and after, the
 gain, the training wall time (the trainer's per-epoch step times: rollout, rewards and updates,
 without start-up and eval) and the gain per minute of it. Extra `--section.key value` options apply
 to every run (e.g. `--training.steps` is set by --epochs; `--optimizer.lr 1e-4`).
@@ -45,6 +46,7 @@ def parse_args(argv):
     p.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun --nproc-per-node)")
     p.add_argument("--algorithms", default=DEFAULT, help=f"comma-separated, from {', '.join(ALGORITHMS)}")
     p.add_argument("--out", default="outputs/bench_shapes", help="folder for the runs, table.md and results.json")
+    p.add_argument("--config", default="train_configs/shapes_grpo.toml", help="the job every algorithm varies")
     args, overrides = p.parse_known_args(argv)
     names = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = [a for a in names if a not in ALGORITHMS]
@@ -55,10 +57,10 @@ def parse_args(argv):
     return args, names, overrides
 
 
-def train(out: Path, name: str, nproc: int, epochs: int, extra: list[str]) -> list[dict]:
-    """One run of the default job under torchrun; its metrics.jsonl records."""
+def train(out: Path, name: str, config: str, nproc: int, epochs: int, extra: list[str]) -> list[dict]:
+    """One run of the job under torchrun; its metrics.jsonl records."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "titan_flow.train", "--job.output_dir", str(out), "--job.run_name", name,
+           "-m", "titan_flow.train", "--job.config_file", config, "--job.output_dir", str(out), "--job.run_name", name,
            "--training.steps", str(epochs), "--eval.freq", str(epochs), "--eval.at_end", "true",
            "--checkpoint.enable", "false", "--metrics.image_log_freq", "0", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     rows, base = [], None
     for name in names:
         what, settings = ALGORITHMS[name]
-        metrics = train(out, name, args.nproc, args.epochs, [*overrides, *settings])
+        metrics = train(out, name, args.config, args.nproc, args.epochs, [*overrides, *settings])
         before, after = evals(metrics)
         if base is None:
             base = before
