@@ -4,6 +4,7 @@ algorithm run end to end on the tiny debug SD3 and debug FLUX (in-process, one r
 import json
 import math
 import random
+from pathlib import Path
 from collections import Counter
 from types import SimpleNamespace
 
@@ -237,7 +238,9 @@ def test_branched_fast_shares_the_prefix_and_rescored_window_is_on_policy():
 MODELS = ["sd3", "flux", pytest.param("qwen_image", marks=pytest.mark.slow)]
 
 
+DEBUG_TOML = str(Path(__file__).resolve().parents[1] / "train_configs" / "debug_cpu.toml")
 TINY = [
+    "--job.config_file", DEBUG_TOML,
     "--model.name", "sd3", "--model.flavor", "debug", "--model.pretrained_path", "",
     "--model.resolution", "64", "--model.max_sequence_length", "16",
     "--sampling.num_steps", "6", "--sampling.num_image_per_prompt", "4", "--sampling.batch_size", "4",

@@ -35,6 +35,7 @@ from titan_flow.checkpoint.manager import (
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
+    "--job.config_file", str(REPO / "train_configs" / "debug_cpu.toml"),  # the tiny random-init debug job
     "--model.resolution", "64", "--model.max_sequence_length", "16",
     "--sampling.num_steps", "6", "--sampling.num_image_per_prompt", "4", "--sampling.batch_size", "4",
     "--sampling.num_batches_per_epoch", "2", "--sampling.sde_window_size", "2", "--sampling.sde_window_range", "[0,5]",

@@ -32,6 +32,7 @@ from titan_flow.models.sd3 import FLAVORS, SD3Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [
+    "--job.config_file", str(REPO / "train_configs" / "debug_cpu.toml"),  # the tiny random-init debug job
     "--sampling.num_steps", "4", "--sampling.num_image_per_prompt", "4", "--sampling.batch_size", "4",
     "--sampling.num_batches_per_epoch", "1", "--training.gradient_accumulation_steps", "1",
     "--training.steps", "2", "--training.ema_update_interval", "1", "--eval.freq", "0",

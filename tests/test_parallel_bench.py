@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_bench_prints_peak_memory_and_images_per_s_per_rank():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "titan_flow.bench", "--warmup", "1", "--epochs", "1", "--sampling.num_steps", "4"]
+           "-m", "titan_flow.bench", "--warmup", "1", "--epochs", "1", "--sampling.num_steps", "4",
+           "--job.config_file", str(REPO / "train_configs" / "debug_cpu.toml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]

@@ -18,7 +18,7 @@ import pytest
 from test_rewards_remote import Server, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--training.steps", "6", "--sampling.num_steps", "4", "--eval.freq", "0", "--checkpoint.enable", "false",
+FAST = ["--job.config_file", str(REPO / "train_configs" / "debug_cpu.toml"), "--training.steps", "6", "--sampling.num_steps", "4", "--eval.freq", "0", "--checkpoint.enable", "false",
         "--metrics.enable_tensorboard", "false"]
 
 

@@ -40,11 +40,12 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def run_config(run: Path, device: str = "cpu"):
+def run_config(run: Path, device: str = "cpu", overrides: list[str] = ()):
+    """The run's config.json (with `--section.key value` overrides), set up to rebuild its model."""
     config_file = run / "config.json"
     if not config_file.is_file():
         raise SystemExit(f"--run: {config_file} does not exist; is {run} a titan_flow run directory?")
-    cfg = job_config_from_dict(json.loads(config_file.read_text()))
+    cfg = job_config_from_dict(json.loads(config_file.read_text()), overrides)
     # The model's structure is all that matters here: no compile, no offload, one flat shard mesh.
     cfg.training.device = device
     cfg.compile.enable = False

@@ -31,18 +31,25 @@ def setup_logging(rank: int) -> None:
     )
 
 
-def image_grid(images: torch.Tensor, captions: list[str], cols: int = 4, caption_height: int = 28) -> np.ndarray:
-    """float NCHW [0,1] -> uint8 HWC grid with each image's prompt written under it."""
+def image_grid(images: torch.Tensor, captions: list[str], cols: int = 4, caption_height: int = 28,
+               min_side: int = 128, gap: int = 0) -> np.ndarray:
+    """float NCHW [0,1] -> uint8 HWC grid with each image's prompt written under it. Images narrower than
+    `min_side` are enlarged by a whole factor (nearest pixel), so small ones stay sharp and captions fit;
+    `gap` white pixels separate neighbours (the PNG grids of sample/evaluate use 4, so dark images do not run
+    into each other)."""
+    factor = max(1, -(-min_side // images.shape[-1]))
+    if factor > 1:
+        images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     n, _, h, w = images.shape
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    canvas = Image.new("RGB", (cols * w, rows * (h + caption_height)), "white")
+    canvas = Image.new("RGB", (cols * (w + gap) - gap, rows * (h + caption_height)), "white")
     draw = ImageDraw.Draw(canvas)
     arr = to_uint8(images)
     chars_per_line = max(4, w // 6)
     for i in range(n):
         r, c = divmod(i, cols)
-        x0, y0 = c * w, r * (h + caption_height)
+        x0, y0 = c * (w + gap), r * (h + caption_height)
         canvas.paste(Image.fromarray(arr[i]), (x0, y0))
         text = captions[i]
         lines = [text[k : k + chars_per_line] for k in range(0, min(len(text), 2 * chars_per_line), chars_per_line)]
@@ -51,8 +58,9 @@ def image_grid(images: torch.Tensor, captions: list[str], cols: int = 4, caption
 
 
 def video_grid(videos: torch.Tensor, captions: list[str], cols: int = 4) -> np.ndarray:
-    """float (B, F, C, H, W) [0,1] -> uint8 (F, H', W', 3): frame t is the captioned grid of every video's frame t."""
-    return np.stack([image_grid(videos[:, t], captions, cols) for t in range(videos.shape[1])])
+    """float (B, F, C, H, W) [0,1] -> uint8 (F, H', W', 3): frame t is the captioned grid of every video's frame t,
+    at the videos' own size (every frame is encoded into the logged GIF)."""
+    return np.stack([image_grid(videos[:, t], captions, cols, min_side=0) for t in range(videos.shape[1])])
 
 
 def encode_gif(frames: np.ndarray, fps: float) -> bytes:

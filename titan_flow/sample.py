@@ -9,7 +9,8 @@
 
 Videos are written as .mp4 when opencv-python is installed (it comes with the `ocr` extra), else as
 animated .gif (PIL); `--video_format` forces one. `samples.jsonl` in the output folder lists every
-file with its prompt and, with `--reward`, its rewards.
+file with its prompt and, with `--reward`, its rewards; `--grid FILE` also writes the images in one
+captioned PNG grid (e.g. a before/after picture of two checkpoints from the same seed).
 
 With --run, the run's config.json rebuilds the same model and pipeline, and the weights come from
 its newest complete DCP checkpoint (EMA weights when the run kept an EMA, unless --raw); the sampler
@@ -36,11 +37,11 @@ from titan_flow.config import build_job_config
 from titan_flow.data.prompts import load_image
 from titan_flow.distributed.utils import destroy_distributed, init_distributed
 from titan_flow.export import run_config
-from titan_flow.metrics import VIDEO_FORMATS, write_video
+from titan_flow.metrics import VIDEO_FORMATS, image_grid, write_video
 from titan_flow.models import get_model_spec
 from titan_flow.rewards import MultiReward
 from titan_flow.rewards.registry import to_uint8
-from titan_flow.rl.metrics import beside_sources
+from titan_flow.rl.metrics import beside_sources, first_images
 from titan_flow.rl.rollout import generate_images, step_noise_levels
 from titan_flow.train import build_model, build_policy
 
@@ -77,6 +78,9 @@ def parse_args(argv):
                    help="edit models: how the source is resized (model.condition_size; default: the run's, or with "
                    "--pretrained_path the pipeline's own: preferred)")
     p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--grid", help="images: also write them all in one PNG grid, each captioned with its prompt "
+                   "(edits: beside their sources), to this file")
+    p.add_argument("--grid_columns", type=int, default=6, help="images per row of --grid")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p.parse_args(argv)
 
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
         names = [n.strip() for n in args.reward.split(",") if n.strip()]
         reward_fn = MultiReward({n: 1.0 for n in names}, r.model_paths, r.device or dims.device, urls=r.urls,
                                 options=r.options) if names else None
-        manifest = []
+        manifest, shown = [], []
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
             batch_sources = sources[start : start + args.batch_size] if sources is not None else None
@@ -159,6 +163,11 @@ def main(argv=None) -> int:
                                      generator, images=batch_sources)
             rewards = reward_fn(images, batch, only_strict=False) if reward_fn else {}
             pairs = to_uint8(beside_sources(batch_sources, images)) if batch_sources is not None else [None] * len(batch)
+            if args.grid:
+                if images.ndim != 4:
+                    raise SystemExit(f"sample: --grid {args.grid} is for images, but the model made videos of shape "
+                                     f"{tuple(images.shape)}; drop --grid (the videos are written one per prompt)")
+                shown.append(beside_sources(batch_sources, images).float().cpu())
             for i, (prompt, pixels, pair) in enumerate(zip(batch, to_uint8(images), pairs)):
                 path = out / f"{start + i:04d}_{slug(prompt)}"
                 if pixels.ndim == 4:  # a video: (F, H, W, 3)
@@ -174,6 +183,9 @@ def main(argv=None) -> int:
                 scores = {k: v[i].item() for k, v in rewards.items() if k != "avg"}
                 manifest.append({**entry, "reward": scores})
                 print(path, *(f"{k} {v:.4f}" for k, v in scores.items()))
+        if args.grid:
+            Image.fromarray(image_grid(first_images(shown, len(prompts)), prompts, cols=args.grid_columns, gap=4)).save(args.grid)
+            print(args.grid)
         if reward_fn is not None:
             reward_fn.close()
         with (out / "samples.jsonl").open("w") as fh:

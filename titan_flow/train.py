@@ -175,17 +175,21 @@ def main(argv: list[str] | None = None) -> int:
         if resume is not None:
             ckpt.load(resume)
 
-    test_set = build_dataset(cfg, cfg.data.test_split) if cfg.eval.freq > 0 else None
+    test_set = build_dataset(cfg, cfg.data.test_split) if cfg.eval.freq > 0 or cfg.eval.at_end else None
     n_trained, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     logger.info("training %s of %s parameters for %d epochs; outputs in %s", f"{n_trained:,}", f"{n_total:,}",
                 cfg.training.steps, out)
+
+    def run_eval(step: int) -> None:
+        scalars, images, captions = evaluate(cfg, dims, policy, model, ema, reward_fn, test_set)
+        metrics.log_scalars(scalars, step)
+        metrics.log_images("eval/images", images, captions, step)
+        logger.info("eval at epoch %d: %s", step, "  ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()))
+
     try:
         for epoch in range(train_state.epoch, cfg.training.steps):
-            if test_set is not None and epoch % cfg.eval.freq == 0:
-                scalars, images, captions = evaluate(cfg, dims, policy, model, ema, reward_fn, test_set)
-                metrics.log_scalars(scalars, epoch)
-                metrics.log_images("eval/images", images, captions, epoch)
-                logger.info("eval at epoch %d: %s", epoch, "  ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()))
+            if test_set is not None and cfg.eval.freq > 0 and epoch % cfg.eval.freq == 0:
+                run_eval(epoch)
             t0 = time.perf_counter()
             result = algo.run_epoch(epoch)
             if epoch % cfg.metrics.log_freq == 0 or epoch == cfg.training.steps - 1:
@@ -196,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             train_state.epoch = epoch + 1
             if ckpt.should_save(epoch + 1, cfg.training.steps):
                 ckpt.save(epoch + 1)
+        if test_set is not None and cfg.eval.at_end:
+            run_eval(cfg.training.steps)
         ckpt.close()
     finally:
         reward_fn.close()

@@ -1,7 +1,8 @@
 """The job configuration: one dataclass per TOML section, every field typed and defaulted.
 
 The defaults are the embedded debug job (a tiny random-init SD3 on the CPU, JPEG reward, on-policy
-updates); the recipes in train_configs/ set the reference's values for real models. Allowed values
+updates; train_configs/debug_cpu.toml spells it out); the recipes in train_configs/ set the reference's
+values for real models (train_configs/shapes_grpo.toml: the shapes demo). Allowed values
 for string fields are declared next to the field with `choices(...)`, so validation and the error
 messages come from the same place as the definition.
 """
@@ -112,9 +113,14 @@ class Sampling:
 @dataclass
 class RL:
     algorithm: str = choices(
-        "grpo", "grpo", "dpo", "online_dpo", "sft", "online_sft",
+        "grpo", "grpo", "dpo", "online_dpo", "sft", "online_sft", "supervised",
         help="grpo (Flow-GRPO, -Fast, GRPO-Guard); dpo / sft: rollouts from the frozen initial policy; "
-        "online_dpo / online_sft: that reference policy follows the trained one (rl.ref_update_interval)",
+        "online_dpo / online_sft: that reference policy follows the trained one (rl.ref_update_interval); "
+        "supervised: offline flow matching on data.path's (prompt, image) records (pretraining, SFT before RL)",
+    )
+    caption_dropout: float = doc(
+        0.0, "supervised: probability that a caption is replaced by sampling.negative_prompt, so CFG has an "
+        "unconditional model to sample with",
     )
     clip_range: float = doc(1e-4, "PPO clip range epsilon")
     adv_clip_max: float = doc(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
@@ -298,6 +304,10 @@ class Eval:
     guidance_scale: float | None = doc(None, "CFG scale during eval" + AUTO)
     batch_size: int = doc(8, "prompts per rank per eval batch")
     max_prompts: int = doc(0, "evaluate on at most this many test prompts (0 = all)")
+    at_end: bool = doc(
+        False, "also evaluate the final weights after the last epoch (logged at step training.steps; works with "
+        "eval.freq = 0, and with training.steps = 0 it evaluates the initial weights)",
+    )
 
 
 @dataclass

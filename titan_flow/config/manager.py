@@ -306,6 +306,13 @@ def _validate_algorithm(cfg: JobConfig, need) -> None:
     need(not rl.ratio_norm_batch_bias or rl.ratio_norm, "rl.ratio_norm_batch_bias only applies with rl.ratio_norm = true")
     need(rl.ref_update_interval >= 1, f"rl.ref_update_interval must be >= 1, got {rl.ref_update_interval}")
     need(rl.dpo_beta > 0, f"rl.dpo_beta must be > 0, got {rl.dpo_beta}")
+    need(0 <= rl.caption_dropout < 1, f"rl.caption_dropout must be in [0, 1), got {rl.caption_dropout}")
+    if rl.algorithm == "supervised":
+        need(
+            s.num_image_per_prompt == 1,
+            "rl.algorithm = 'supervised' trains on dataset records, not on groups of samples: set "
+            f"sampling.num_image_per_prompt = 1 (got {s.num_image_per_prompt})",
+        )
     if rl.algorithm in ("dpo", "online_dpo"):
         need(
             s.num_image_per_prompt >= 2,
@@ -350,12 +357,15 @@ def build_job_config(argv: list[str] | None = None) -> JobConfig:
     return cfg
 
 
-def job_config_from_dict(data: dict) -> JobConfig:
-    """Rebuild a JobConfig from `to_dict` output (a run's config.json), validating every field."""
+def job_config_from_dict(data: dict, overrides: list[str] = ()) -> JobConfig:
+    """Rebuild a JobConfig from `to_dict` output (a run's config.json), then apply `--section.key value`
+    command-line `overrides`, validating every field."""
     cfg = JobConfig()
     for section, table in data.items():
         for key, value in table.items():
             _set(cfg, section, key, value, from_cli=False)
+    for section, key, value in parse_cli_overrides(list(overrides)):
+        _set(cfg, section, key, value, from_cli=True)
     resolve_auto(cfg)
     validate(cfg)
     return cfg

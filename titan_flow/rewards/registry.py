@@ -41,6 +41,7 @@ _MODULES = {
     "video_ocr": "ocr",
     "qwenvl": "qwenvl",
     "geneval": "geneval",
+    "shapes_geneval": "shapes_geneval",
     "deqa": "deqa",
     "unifiedreward": "unifiedreward",
 }

@@ -7,6 +7,7 @@ from titan_flow.models.sd3.args import FLAVORS, SD3Args
 from titan_flow.models.sd3.model import SD3Transformer
 from titan_flow.models.sd3.parallelize import parallelize_sd3
 from titan_flow.models.sd3.pipeline import SD3Pipeline, pretrained_defaults
+from titan_flow.models.sd3.shapes import is_pixel_space, save_pretrained as save_shapes_pipeline
 from titan_flow.models.sd3.state_dict_adapter import (
     from_diffusers,
     from_pretrained,
@@ -26,7 +27,11 @@ SPEC = ModelSpec(
     parallelize=parallelize_sd3,
     pretrained_defaults=pretrained_defaults,
     load_checkpoint_fn=load_checkpoint,
-    export_fn=lambda sd, args, out, max_shard_size: save_diffusers(sd, args, Path(out) / "transformer", max_shard_size),
+    pipeline_options=lambda cfg: {"flavor": cfg.model.flavor},
+    export_fn=lambda sd, args, out, max_shard_size: (
+        save_shapes_pipeline(out, sd, args, max_shard_size) if is_pixel_space(args)
+        else save_diffusers(sd, args, Path(out) / "transformer", max_shard_size)
+    ),
 )
 
 __all__ = ["FLAVORS", "SPEC", "SD3Args", "SD3Transformer"]

@@ -111,4 +111,20 @@ FLAVORS = {
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     ),
+    # Pixel-space MMDiT of the shapes world (models/sd3/shapes.py): 16 x 16 RGB in 2 x 2 patches (64 tokens),
+    # text = one-hot words (21) + positions (8) in 32 wide, pooled = bag of words in 24; 2.3 M parameters.
+    "shapes": SD3Args(
+        sample_size=16,
+        patch_size=2,
+        in_channels=3,
+        out_channels=3,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        caption_projection_dim=128,
+        joint_attention_dim=32,
+        pooled_projection_dim=24,
+        pos_embed_max_size=8,
+        qk_norm="rms_norm",
+    ),
 }

@@ -64,7 +64,12 @@ def pretrained_defaults(pretrained_path: str) -> dict:
 
     The path may also be a bare transformer directory or a single-file checkpoint (what the backbone
     loader accepts); what it does not hold takes the published SD3 values (sample_size 128, VAE 8x).
+    A pixel-space shapes directory records its own (models/sd3/shapes.py).
     """
+    from titan_flow.models.sd3 import shapes
+
+    if shapes.is_shapes_dir(pretrained_path):
+        return shapes.pretrained_defaults(pretrained_path)
     root = Path(pretrained_path)
     if not root.exists():
         raise FileNotFoundError(f"model.pretrained_path: {str(root)!r} does not exist")
@@ -138,8 +143,20 @@ class SD3Pipeline:
         max_sequence_length: int = 128,
         negative_prompt: str = "",
         seed: int = 0,
+        flavor: str = "debug",
     ) -> SD3Pipeline:
-        """Load from a diffusers SD3 pipeline directory; '' builds the tiny random pipeline from `seed`."""
+        """Load from a diffusers SD3 pipeline directory; '' builds the tiny random pipeline from `seed`.
+
+        A shapes directory, or '' with a pixel-space `flavor` ("shapes"), gives the pixel-space
+        `ShapesPipeline` (models/sd3/shapes.py) instead.
+        """
+        from titan_flow.models.sd3 import shapes
+
+        pixel_flavor = flavor in FLAVORS and shapes.is_pixel_space(FLAVORS[flavor])
+        if shapes.is_shapes_dir(pretrained_path) or (not pretrained_path and pixel_flavor):
+            return shapes.ShapesPipeline.load(pretrained_path, device=device, resolution=resolution,
+                                              max_sequence_length=max_sequence_length,
+                                              negative_prompt=negative_prompt, flavor=flavor)
         kwargs = dict(
             device=device,
             resolution=resolution,
@@ -265,6 +282,15 @@ class SD3Pipeline:
         latents = latents / config.scaling_factor + config.shift_factor
         images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Float NCHW images in [0, 1] -> fp32 latents, the inverse of `decode`: the VAE posterior's mode,
+        shifted and scaled as SD3 trains (what offline flow matching regresses towards)."""
+        config = self.vae.config
+        x = images.to(self.device, self.vae.dtype) * 2 - 1
+        z = self.vae.encode(x).latent_dist.mode()
+        return (z.float() - config.shift_factor) * config.scaling_factor
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         return static_shift_sigmas(num_steps, self.shift, self.shift_terminal).to(self.device)

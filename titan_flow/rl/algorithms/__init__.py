@@ -8,8 +8,12 @@ from titan_flow.rl.algorithms.dpo import FlowDPO
 from titan_flow.rl.algorithms.grpo import GRPO
 from titan_flow.rl.algorithms.reference import FrozenPolicies
 from titan_flow.rl.algorithms.sft import FlowSFT
+from titan_flow.rl.algorithms.supervised import SupervisedFlowMatching
 
-ALGORITHMS = {"grpo": GRPO, "dpo": FlowDPO, "online_dpo": FlowDPO, "sft": FlowSFT, "online_sft": FlowSFT}
+ALGORITHMS = {
+    "grpo": GRPO, "dpo": FlowDPO, "online_dpo": FlowDPO, "sft": FlowSFT, "online_sft": FlowSFT,
+    "supervised": SupervisedFlowMatching,
+}
 
 
 def is_online(cfg: JobConfig) -> bool:
@@ -19,7 +23,7 @@ def is_online(cfg: JobConfig) -> bool:
 def needs_frozen_copy(cfg: JobConfig) -> bool:
     """Full fine-tuning keeps one frozen copy of the model for the reference policy (DPO/SFT rollouts
     and anchors, GRPO's KL); under LoRA the reference is the adapter switched off or its frozen slot."""
-    return not cfg.lora.enable and (cfg.rl.algorithm != "grpo" or cfg.rl.beta > 0)
+    return not cfg.lora.enable and (cfg.rl.algorithm not in ("grpo", "supervised") or cfg.rl.beta > 0)
 
 
 def needs_lora_reference_slot(cfg: JobConfig) -> bool:
@@ -36,6 +40,6 @@ def build_algorithm(cfg: JobConfig, dims, policy, model, frozen_copy, optimizer,
 
 
 __all__ = [
-    "ALGORITHMS", "EpochResult", "FlowDPO", "FlowSFT", "GRPO", "OnlineAlgorithm", "RolloutBatch",
+    "ALGORITHMS", "EpochResult", "FlowDPO", "FlowSFT", "GRPO", "OnlineAlgorithm", "RolloutBatch", "SupervisedFlowMatching",
     "build_algorithm", "needs_frozen_copy", "needs_lora_reference_slot",
 ]

@@ -21,33 +21,34 @@ from titan_flow.rl.algorithms.flow_matching import FlowMatchingAlgorithm
 class FlowSFT(FlowMatchingAlgorithm):
     advantage_mode = "sft"
 
-    def train(self, batches: list[RolloutBatch], epoch: int) -> dict[str, float]:
+    def flow_matching_loss(self, x0: torch.Tensor, cond, weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(loss, scalars to log) of mean_i [w_i |v(x_sigma) - (eps - x_0)|^2 + beta |v - v_initial|^2] with
+        one fresh noise level and noise per sample; the offline "supervised" algorithm uses it with w = 1."""
         rl = self.cfg.rl
+        sigma, eps = self.draw_noise(x0)
+        kl = None
+        if rl.beta > 0:
+            with torch.no_grad(), self.frozen.initial() as initial:
+                _, v_initial = self.velocity_error(initial, x0, sigma, eps, cond)
+        fm, v = self.velocity_error(self.model, x0, sigma, eps, cond)
+        weighted = weights * fm
+        if rl.beta > 0:
+            kl = (v - v_initial).square().flatten(1).mean(1)
+            weighted = weighted + rl.beta * kl
+        loss = weighted.mean()
+        # the same keys on every rank: they are all-reduced
+        record = {"loss/total": loss, "loss/fm": fm.mean(), "loss/fm_weighted": (weights * fm).mean()}
+        if kl is not None:
+            record["loss/kl"] = kl.mean()
+        return loss, record
+
+    def train(self, batches: list[RolloutBatch], epoch: int) -> dict[str, float]:
         ga = self.cfg.training.gradient_accumulation_steps
 
         def train_batch(batch, stats, bar):
-            x0 = batch.trajectory.latents[:, -1]
-            sigma, eps = self.draw_noise(x0)
-            kl = None
-            if rl.beta > 0:
-                with torch.no_grad(), self.frozen.initial() as initial:
-                    _, v_initial = self.velocity_error(initial, x0, sigma, eps, batch.cond)
-            fm, v = self.velocity_error(self.model, x0, sigma, eps, batch.cond)
-            weighted = batch.advantages * fm
-            if rl.beta > 0:
-                kl = (v - v_initial).square().flatten(1).mean(1)
-                weighted = weighted + rl.beta * kl
-            loss = weighted.mean()
-            (loss / ga).backward()
-            record = {  # the same keys on every rank: they are all-reduced
-                "loss/total": loss,
-                "loss/fm": fm.mean(),
-                "loss/fm_weighted": (batch.advantages * fm).mean(),
-                "sft/selected_fraction": (batch.advantages > 0).float().mean(),
-            }
-            if kl is not None:
-                record["loss/kl"] = kl.mean()
-            stats.add_scalars(record)
+            fm_loss, record = self.flow_matching_loss(batch.trajectory.latents[:, -1], batch.cond, batch.advantages)
+            (fm_loss / ga).backward()
+            stats.add_scalars({**record, "sft/selected_fraction": (batch.advantages > 0).float().mean()})
             bar.update(1)
 
         return self.accumulate(epoch, batches, len(batches), train_batch)

@@ -1,0 +1,233 @@
+"""The shapes world (titan_flow/data/shapes.py) and its GenEval scorer (titan_flow/rewards/shapes_geneval.py).
+
+The scorer must give every ground-truth render full marks, give deliberately wrong renders the
+strict / partial / standard scores the GenEval reward server's rules give them (worked out by hand
+below), score blank and noise pictures 0, and refuse metadata it cannot score, naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from titan_flow.data.prompts import load_prompt_dataset
+from titan_flow.data.shapes import (
+    COLORS, SHAPES, TASKS, Shape, all_prompts, eval_prompts, relative_position, render, sample_scene, split_prompts,
+    vocabulary, write_dataset, write_prompt_sets,
+)
+from titan_flow.rewards import MultiReward, build_reward, geneval_breakdown
+from titan_flow.rewards.shapes_geneval import detect
+
+REWARD = build_reward("shapes_geneval")
+
+
+def as_images(pictures: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 255
+
+
+def score(pictures, metas, only_strict=False) -> dict[str, list[float]]:
+    out = REWARD(as_images(pictures), [m["prompt"] for m in metas], metas, only_strict=only_strict)
+    return {k: v.tolist() for k, v in out.items()}
+
+
+def record(prompt: str) -> dict:
+    return next(r for r in all_prompts() if r["prompt"] == prompt)
+
+
+# --------------------------------------------------------------------------------------- the world
+
+
+def test_the_world_is_enumerated_in_genevals_schema():
+    prompts = all_prompts()
+    assert len(prompts) == 3 + 6 + 9 + 12 + 24 + 96 == 150
+    assert len({r["prompt"] for r in prompts}) == 150
+    assert {r["tag"] for r in prompts} == set(TASKS)
+    assert record("three triangles") == {"tag": "counting", "include": [{"class": "triangle", "count": 3}],
+                                         "exclude": [{"class": "triangle", "count": 4}], "prompt": "three triangles"}
+    assert record("a square left of a circle")["include"] == [
+        {"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["left of", 0]}]
+    assert set(vocabulary()) == {w for r in prompts for w in r["prompt"].split()}
+
+
+def test_the_split_is_fixed_disjoint_and_covers_every_task():
+    train, test = split_prompts()
+    assert (train, test) == split_prompts()
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert len(train) + len(test) == 150
+    for task in TASKS:
+        assert any(r["tag"] == task for r in train) and any(r["tag"] == task for r in test)
+    evals = eval_prompts(per_task=10)
+    assert [r["tag"] for r in evals] == [t for t in TASKS for _ in range(10)]
+    assert {r["prompt"] for r in evals} <= {r["prompt"] for r in test}
+
+
+def test_relative_position_is_genevals_rule():
+    left, right = (0, 10, 10, 20), (20, 10, 30, 20)
+    assert relative_position(left, right) == {"left of"}
+    assert relative_position(right, left) == {"right of"}
+    assert relative_position((10, 0, 20, 10), (10, 20, 20, 30)) == {"above"}
+    assert relative_position((0, 0, 10, 10), (20, 20, 30, 30)) == {"left of", "above"}  # 45 degrees: both
+    # 4 px apart, boxes 10 wide: |dx| 4 - 0.1 * 20 = 2 of the 4 remain, normalised 0.5: not > 0.5
+    assert relative_position((0, 0, 10, 10), (4, 0, 14, 10)) == set()
+
+
+def test_scenes_satisfy_their_prompt_and_fit(tmp_path):
+    rng = np.random.default_rng(3)
+    for meta in all_prompts():
+        shapes = sample_scene(meta, rng)
+        wanted = sorted((i["class"], i.get("color")) for i in meta["include"] for _ in range(i["count"]))
+        got = sorted((s.kind, s.color if any("color" in i for i in meta["include"]) else None) for s in shapes)
+        assert got == wanted, meta["prompt"]
+        boxes = [s.box for s in shapes]
+        assert all(0 <= b[0] and b[2] <= 16 and 0 <= b[1] and b[3] <= 16 for b in boxes)
+        for i, a in enumerate(boxes):  # an empty pixel between any two boxes: objects never touch
+            for b in boxes[i + 1:]:
+                assert a[0] >= b[2] + 1 or b[0] >= a[2] + 1 or a[1] >= b[3] + 1 or b[1] >= a[3] + 1
+
+
+def test_datasets_are_reproducible_and_the_geneval_loader_reads_them(tmp_path):
+    a = write_dataset(tmp_path / "a", num_train=12, per_task=2, seed=5)
+    b = write_dataset(tmp_path / "b", num_train=12, per_task=2, seed=5)
+    assert (a / "train_metadata.jsonl").read_text() == (b / "train_metadata.jsonl").read_text()
+    assert (a / "images" / "0000011.png").read_bytes() == (b / "images" / "0000011.png").read_bytes()
+    train = load_prompt_dataset(str(a), "train")
+    assert len(train) == 12 and train[0].metadata["image"] == "images/0000000.png"
+    assert train[0].image.shape == (3, 16, 16)  # the loader reads the picture the record names
+    test = load_prompt_dataset(str(a), "test")
+    assert len(test) == 2 * len(TASKS) and all(r.image is None for r in test)
+
+    prompts = write_prompt_sets(tmp_path / "prompts", per_task=3)
+    rl_train = load_prompt_dataset(str(prompts), "train")
+    assert [r.prompt for r in rl_train] == [r["prompt"] for r in split_prompts()[0]]
+    assert len(load_prompt_dataset(str(prompts), "test")) == 3 * len(TASKS)
+    assert json.loads((prompts / "test_metadata.jsonl").read_text().splitlines()[0])["tag"] == TASKS[0]
+
+
+# ------------------------------------------------------------------------------------------ scorer
+
+
+def test_ground_truth_renders_score_full_marks_on_every_key():
+    rng = np.random.default_rng(0)
+    metas = [m for m in all_prompts() for _ in range(4)]  # every prompt, four random scenes each
+    out = score([render(sample_scene(m, rng)) for m in metas], metas)
+    for key in ("score", "strict_accuracy", "accuracy"):
+        assert out[key] == [1.0] * len(metas), key
+    for task in TASKS:
+        for key in (f"{task}_strict_accuracy", f"{task}_accuracy"):
+            assert out[key] == [1.0 if m["tag"] == task else -10.0 for m in metas]
+    table = geneval_breakdown({k: torch.tensor(v) for k, v in out.items()})
+    assert table == {**{t: 1.0 for t in TASKS}, "overall": 1.0, **{f"{t}_strict": 1.0 for t in TASKS},
+                     "overall_strict": 1.0}
+
+
+def test_detections_carry_class_colour_and_box():
+    picture = render([Shape("triangle", "yellow", 0, 1, 7), Shape("circle", "blue", 8, 8, 7)])
+    (found,) = detect(picture[None])
+    # equally confident: the larger first (the circle covers 37 pixels, the triangle 31)
+    assert [(d.kind, d.color, d.box, d.confidence, d.area) for d in found] == [
+        ("circle", "blue", (8, 8, 15, 15), 1.0, 37), ("triangle", "yellow", (0, 1, 7, 8), 1.0, 31)]
+
+
+# Wrong renders, each with (strict, partial score, standard GenEval accuracy) by the reward server's rules.
+# Objects are 7 pixels wide; the canvas holds four, at the corners A B / C D.
+A, B, C, D = (0, 0), (9, 0), (0, 9), (9, 9)
+
+
+def at(kind: str, color: str, corner: tuple[int, int]) -> Shape:
+    return Shape(kind, color, *corner, 7)
+
+
+WRONG = [
+    # count too low: partial 1 - |3 - 2| / 3; standard needs >= 3
+    ("three circles", [at("circle", "red", A), at("circle", "blue", D)], (0, 2 / 3, 0)),
+    # count too high: partial 1 - 1/3; standard finds >= 3 but the exclude item (4 circles) fails it
+    ("three circles", [at("circle", "red", c) for c in (A, B, C, D)], (0, 2 / 3, 0)),
+    # more than twice too many: 1 - |1 - 3| / 1 = -1, as the server; standard: 3 >= 2 circles are excluded
+    ("a circle", [at("circle", "red", c) for c in (A, B, D)], (0, -1.0, 0)),
+    # wrong colour: [count 1, colour 0]
+    ("a red circle", [at("circle", "blue", D)], (0, 0.5, 0)),
+    # colour attribution wrong on one object: [1, 1, 1, 0]
+    ("a red circle and a blue square", [at("circle", "red", A), at("square", "green", D)], (0, 0.75, 0)),
+    # one object missing: circle [0, 0 (its colour)], square [1, 1]
+    ("a red circle and a blue square", [at("square", "blue", D)], (0, 0.5, 0)),
+    # relation reversed: [1, 1, 0] (the server would append an extra 1.0 here: 0.75)
+    ("a triangle left of a circle", [at("circle", "red", A), at("triangle", "red", B)], (0, 2 / 3, 0)),
+    # the referred object is missing: circle [0], triangle [1, 0 (no target)]
+    ("a triangle left of a circle", [at("triangle", "green", A)], (0, 1 / 3, 0)),
+    # an extra object of another class: strict rules ignore it, standard has no exclude for it
+    ("a circle", [at("circle", "red", A), at("square", "red", D)], (1, 1.0, 1)),
+    # an extra circle: strict counts exactly (partial [0, 1]); standard asks for at least one
+    ("a circle and a square", [at("circle", "red", A), at("circle", "red", C), at("square", "red", D)],
+     (0, 0.5, 1)),
+    # the wrong shape: a square asked, a circle drawn
+    ("a square", [at("circle", "green", B)], (0, 0.0, 0)),
+]
+
+
+@pytest.mark.parametrize("prompt, shapes, expected", WRONG, ids=[f"{i}-{w[0]}" for i, w in enumerate(WRONG)])
+def test_wrong_renders_get_the_servers_scores(prompt, shapes, expected):
+    out = score([render(shapes)], [record(prompt)])
+    strict, partial, standard = expected
+    assert out["strict_accuracy"] == [float(strict)]
+    assert out["score"][0] == pytest.approx(partial, abs=1e-6)
+    assert out["accuracy"] == [float(standard)]
+
+
+def test_blank_and_noise_pictures_score_zero():
+    metas = [m for m in all_prompts() if m["tag"] in TASKS][::3]
+    n = len(metas)
+    blank = np.zeros((n, 16, 16, 3), dtype=np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
+    for pictures in (blank, noise):
+        out = score(list(pictures), metas)
+        assert out["strict_accuracy"] == [0.0] * n and out["accuracy"] == [0.0] * n
+        assert max(out["score"]) <= 0.0
+    white = np.full((1, 16, 16, 3), 255, dtype=np.uint8)  # a canvas painted over is no object of the world
+    assert score(list(white), [record("a yellow square")])["strict_accuracy"] == [0.0]
+
+
+def test_training_mode_drops_the_standard_accuracy():
+    meta = record("a blue triangle")
+    out = REWARD(as_images([render([Shape("triangle", "blue", 5, 5, 7)])]), [meta["prompt"]], [meta])
+    assert set(out) == {"score", "strict_accuracy", *(f"{t}_strict_accuracy" for t in TASKS)}
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"tag": "counting", "include": [{"class": "dog", "count": 2}], "prompt": "two dogs"}, "class 'dog'"),
+    ({"include": [{"class": "circle", "count": 1}], "prompt": "a circle"}, "'tag' is None"),
+    ({"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "purple"}], "prompt": "a purple circle"},
+     "colour 'purple'"),
+    ({"tag": "position", "include": [{"class": "circle", "count": 1, "position": ["left of", 0]}], "prompt": "x"},
+     "position must be [relation, index of an earlier include item]"),
+    ({"tag": "position", "include": [{"class": "circle", "count": 1},
+                                     {"class": "square", "count": 1, "position": ["near", 0]}], "prompt": "x"},
+     "'near'"),
+    ({"tag": "counting", "include": [{"class": "circle", "count": 0}], "prompt": "no circle"}, "count must be"),
+    ({"tag": "single_object", "include": [], "prompt": "nothing"}, "non-empty list"),
+    ({"tag": "counting", "include": [{"class": "circle", "count": 2}], "exclude": [{"class": "car", "count": 3}],
+      "prompt": "two circles"}, "exclude[0] has class 'car'"),
+])
+def test_metadata_it_cannot_score_is_refused(meta, message):
+    with pytest.raises(ValueError, match="shapes_geneval cannot score") as info:
+        score([np.zeros((16, 16, 3), np.uint8)], [meta])
+    assert message in str(info.value)
+
+
+def test_multireward_logs_the_genevals_breakdown_keys():
+    rng = np.random.default_rng(1)
+    metas = eval_prompts(per_task=2)
+    pictures = [render(sample_scene(m, rng)) for m in metas]
+    pictures[0] = np.zeros_like(pictures[0])  # one failed single_object image of two
+    with MultiReward({"shapes_geneval": 1.0}) as reward_fn:
+        out = reward_fn(as_images(pictures), [m["prompt"] for m in metas], metas, only_strict=False)
+    table = geneval_breakdown(out)
+    assert table["single_object_strict"] == 0.5 and table["colors_strict"] == 1.0
+    assert table["overall_strict"] == pytest.approx((0.5 + 5) / 6)
+    assert out["avg"].tolist() == out["shapes_geneval"].tolist()
+
+
+def test_palette_and_shapes_are_what_the_prompts_name():
+    assert set(COLORS) <= set(vocabulary()) and set(SHAPES) <= set(vocabulary())
