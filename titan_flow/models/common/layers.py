@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from titan_flow.models.common.attention import attention
 from titan_flow.models.common.norms import RMSNorm
-from titan_flow.models.common.rope import apply_interleaved_rope
+from titan_flow.models.common.rope import apply_complex_rope
 
 QK_NORMS = (None, "rms_norm")
 
@@ -41,7 +41,7 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+def heads_after_tokens(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, L, H*Dh) -> (B, L, H, Dh), a view: heads stay after tokens (as diffusers), so qk-norm, RoPE and the
     concatenation of streams work on contiguous memory; only `attend` transposes, as views."""
     return x.unflatten(-1, (num_heads, -1))
@@ -61,7 +61,7 @@ Rotary = torch.Tensor
 def _rotate(q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None) -> tuple[torch.Tensor, torch.Tensor]:
     if rotary is None:
         return q, k
-    return apply_interleaved_rope(q, rotary), apply_interleaved_rope(k, rotary)
+    return apply_complex_rope(q, rotary), apply_complex_rope(k, rotary)
 
 
 class SelfAttention(nn.Module):
@@ -82,10 +82,10 @@ class SelfAttention(nn.Module):
 
     def project(self, x: torch.Tensor, rotary: Rotary | None = None) -> tuple[torch.Tensor, ...]:
         """Per-head (B, L, H, Dh) queries, keys and values: projected, qk-normed, then rotated."""
-        q = self.norm_q(split_heads(self.to_q(x), self.num_heads))
-        k = self.norm_k(split_heads(self.to_k(x), self.num_heads))
+        q = self.norm_q(heads_after_tokens(self.to_q(x), self.num_heads))
+        k = self.norm_k(heads_after_tokens(self.to_k(x), self.num_heads))
         q, k = _rotate(q, k, rotary)
-        return q, k, split_heads(self.to_v(x), self.num_heads)
+        return q, k, heads_after_tokens(self.to_v(x), self.num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_out[0](attend(*self.project(x)))
@@ -131,10 +131,10 @@ class JointAttention(SelfAttention):
         context_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = self.project(x, rotary)
-        q_c = self.norm_added_q(split_heads(self.add_q_proj(context), self.num_heads))
-        k_c = self.norm_added_k(split_heads(self.add_k_proj(context), self.num_heads))
+        q_c = self.norm_added_q(heads_after_tokens(self.add_q_proj(context), self.num_heads))
+        k_c = self.norm_added_k(heads_after_tokens(self.add_k_proj(context), self.num_heads))
         q_c, k_c = _rotate(q_c, k_c, context_rotary)
-        v_c = split_heads(self.add_v_proj(context), self.num_heads)
+        v_c = heads_after_tokens(self.add_v_proj(context), self.num_heads)
 
         streams = ((q_c, k_c, v_c), (q, k, v)) if self.context_first else ((q, k, v), (q_c, k_c, v_c))
         joint_q, joint_k, joint_v = (torch.cat(pair, dim=1) for pair in zip(*streams))

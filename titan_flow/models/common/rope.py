@@ -4,7 +4,7 @@
   `apply_rope`.
 - Interleaved (FLUX, Qwen-Image): pairs are (x[2j], x[2j+1]), i.e. x viewed as d/2 complex numbers
   multiplied by exp(i * angle); `rope_angles` (one table per position axis, concatenated by the
-  model) -> `rotation` -> `apply_interleaved_rope`.
+  model) -> `rotation` -> `apply_complex_rope`.
 
 Mixing the two layouts up is the classic porting bug, so each function says which one it is.
 """
@@ -56,7 +56,7 @@ def rotation(angles: torch.Tensor) -> torch.Tensor:
     return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_interleaved_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+def apply_complex_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Interleaved layout: rotate the pairs (x[..., 2j], x[..., 2j+1]) of x (B, L, heads, D) by a per-token
     complex table (L, D/2) from `rotation`.
 
