@@ -130,12 +130,13 @@ SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 def test_the_reference_prompt_sets_load():
     geneval = load_prompt_dataset(str(SHARED_DATASETS / "geneval"), "test")
     assert len(geneval) == 2212  # 553 GenEval prompts x 4 (the last line has no newline)
-    tags = {m["tag"] for _, m in (geneval[i] for i in range(len(geneval)))}
+    tags = {geneval[i].metadata["tag"] for i in range(len(geneval))}
     assert tags == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
-    prompt, meta = geneval[1]
-    assert prompt == meta["prompt"] and meta["include"][0]["color"] == "pink"
+    record = geneval[1]
+    assert record.prompt == record.metadata["prompt"] and record.metadata["include"][0]["color"] == "pink"
+    assert record.image is None and record.key == record.prompt
     ocr = load_prompt_dataset(str(SHARED_DATASETS / "ocr"), "test")
-    assert len(ocr) == 1018 and all('"' in ocr[i][0] for i in range(len(ocr)))  # the target text is quoted
+    assert len(ocr) == 1018 and all('"' in ocr[i].prompt for i in range(len(ocr)))  # the target text is quoted
     pickscore = load_prompt_dataset(str(SHARED_DATASETS / "pickscore"), "test")
     assert len(pickscore) == 2048
     sampler = KRepeatSampler(len(geneval), 9, 24, 32, 5, seed=42)  # the reference's 32-GPU layout
