@@ -189,6 +189,25 @@ def test_blank_and_noise_pictures_score_zero():
     assert score(list(white), [record("a yellow square")])["strict_accuracy"] == [0.0]
 
 
+def test_objects_in_clutter_are_not_seen_but_a_few_specks_are_forgiven():
+    """GRPO learned to hide square-ish one-colour blobs in multicoloured noise; a detector sees nothing there."""
+    meta = record("a blue square")
+    clean = render([at("square", "blue", A)])
+    rng = np.random.default_rng(0)
+    background = np.flatnonzero((clean == 0).all(-1))
+    off_palette = np.array([120, 60, 160], dtype=np.uint8)  # purple: > MAX_COLOR_DISTANCE from every colour
+    cluttered, specked = clean.copy(), clean.copy()
+    cluttered.reshape(-1, 3)[rng.choice(background, int(0.2 * 256), replace=False)] = off_palette
+    specked.reshape(-1, 3)[rng.choice(background, int(0.05 * 256), replace=False)] = off_palette
+    speckles = clean.copy()  # isolated palette-coloured pixels, each below min_area: clutter too
+    speckles[0:16:2, 8:16:2] = COLORS["red"]
+    speckles[8:16:2, 0:8:2] = COLORS["red"]
+    pictures = [clean, specked, cluttered, speckles]
+    out = score(pictures, [meta] * 4)
+    assert out["strict_accuracy"] == [1.0, 1.0, 0.0, 0.0] and out["score"] == [1.0, 1.0, 0.0, 0.0]
+    assert [len(found) for found in detect(np.stack(pictures))] == [1, 1, 0, 0]
+
+
 def test_training_mode_drops_the_standard_accuracy():
     meta = record("a blue triangle")
     out = REWARD(as_images([render([Shape("triangle", "blue", 5, 5, 7)])]), [meta["prompt"]], [meta])
