@@ -20,7 +20,7 @@ import pytest
 
 from titan_flow.config import build_job_config
 from titan_flow.config.manager import to_dict
-from titan_flow.data.shapes import TASKS, eval_prompts, split_prompts
+from titan_flow.data.shapes import TASKS, eval_prompts, rl_train_prompts
 from titan_flow.data.prompts import load_prompt_dataset
 from titan_flow.train import main as train_main
 
@@ -41,7 +41,7 @@ EVAL_RECORDS = 384
 def test_the_shipped_prompt_sets_are_the_worlds_split():
     train = load_prompt_dataset(str(SHAPES_ASSETS / "prompts"), "train")
     test = load_prompt_dataset(str(SHAPES_ASSETS / "prompts"), "test")
-    assert [r.metadata for r in train] == split_prompts()[0]
+    assert [r.metadata for r in train] == rl_train_prompts()
     assert [r.metadata for r in test] == eval_prompts() and len(test) == EVAL_RECORDS
     assert not {r.prompt for r in train} & {r.prompt for r in test}
 

@@ -15,8 +15,8 @@ import torch
 
 from titan_flow.data.prompts import load_prompt_dataset
 from titan_flow.data.shapes import (
-    COLORS, SHAPES, TASKS, Shape, all_prompts, eval_prompts, relative_position, render, sample_scene, split_prompts,
-    vocabulary, write_dataset, write_prompt_sets,
+    COLORS, SHAPES, TASKS, Shape, all_prompts, eval_prompts, relative_position, render, rl_train_prompts, sample_scene,
+    split_prompts, vocabulary, write_dataset, write_prompt_sets,
 )
 from titan_flow.rewards import MultiReward, build_reward, geneval_breakdown
 from titan_flow.rewards.shapes_geneval import detect
@@ -62,6 +62,10 @@ def test_the_split_is_fixed_disjoint_and_covers_every_task():
     evals = eval_prompts(per_task=10)
     assert [r["tag"] for r in evals] == [t for t in TASKS for _ in range(10)]
     assert {r["prompt"] for r in evals} <= {r["prompt"] for r in test}
+    rl_train = rl_train_prompts()  # every task weighs the same, every training prompt is in it
+    largest = max(sum(r["tag"] == t for r in train) for t in TASKS)
+    assert [r["tag"] for r in rl_train] == [t for t in TASKS for _ in range(largest)]
+    assert {r["prompt"] for r in rl_train} == {r["prompt"] for r in train}
 
 
 def test_relative_position_is_genevals_rule():
@@ -101,7 +105,7 @@ def test_datasets_are_reproducible_and_the_geneval_loader_reads_them(tmp_path):
 
     prompts = write_prompt_sets(tmp_path / "prompts", per_task=3)
     rl_train = load_prompt_dataset(str(prompts), "train")
-    assert [r.prompt for r in rl_train] == [r["prompt"] for r in split_prompts()[0]]
+    assert [r.prompt for r in rl_train] == [r["prompt"] for r in rl_train_prompts()]
     assert len(load_prompt_dataset(str(prompts), "test")) == 3 * len(TASKS)
     assert json.loads((prompts / "test_metadata.jsonl").read_text().splitlines()[0])["tag"] == TASKS[0]
 

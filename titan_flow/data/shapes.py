@@ -235,17 +235,29 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
+def _cycled_per_task(records: list[dict], per_task: int) -> list[dict]:
+    """Each task's records cycled to `per_task`, tasks in TASKS order: every task weighs the same."""
+    out = []
+    for task in TASKS:
+        mine = [r for r in records if r["tag"] == task]
+        out += [mine[i % len(mine)] for i in range(per_task)]
+    return out
+
+
 def eval_prompts(per_task: int = 64, test_fraction: float = 0.25, seed: int = 0) -> list[dict]:
     """The fixed held-out eval set: for each task its held-out prompts cycled to `per_task` records, so
     every task weighs the same (the eval seeds each record's noise by its index, so copies differ)."""
     if per_task < 1:
         raise ValueError(f"per_task must be >= 1, got {per_task}")
-    _, held_out = split_prompts(test_fraction, seed)
-    records = []
-    for task in TASKS:
-        mine = [r for r in held_out if r["tag"] == task]
-        records += [mine[i % len(mine)] for i in range(per_task)]
-    return records
+    return _cycled_per_task(split_prompts(test_fraction, seed)[1], per_task)
+
+
+def rl_train_prompts(test_fraction: float = 0.25, seed: int = 0) -> list[dict]:
+    """The RL training prompts: `split_prompts`' training part with each task's prompts cycled to the
+    largest task's count, so every task weighs the same in training as in the eval. Unbalanced, 72 of
+    the 112 prompts are colour attribution and GRPO gained there while the other five tasks fell."""
+    train, _ = split_prompts(test_fraction, seed)
+    return _cycled_per_task(train, max(sum(r["tag"] == task for r in train) for task in TASKS))
 
 
 def write_dataset(out_dir: str | Path, num_train: int, per_task: int = 64, seed: int = 0,
@@ -275,11 +287,10 @@ def write_dataset(out_dir: str | Path, num_train: int, per_task: int = 64, seed:
 
 
 def write_prompt_sets(out_dir: str | Path, per_task: int = 64, seed: int = 0, test_fraction: float = 0.25) -> Path:
-    """The RL prompt sets: train = `split_prompts`' training prompts, test = `eval_prompts(per_task)`."""
+    """The RL prompt sets: train = `rl_train_prompts()`, test = `eval_prompts(per_task)`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train, _ = split_prompts(test_fraction, seed)
-    write_jsonl(out / "train_metadata.jsonl", train)
+    write_jsonl(out / "train_metadata.jsonl", rl_train_prompts(test_fraction, seed))
     write_jsonl(out / "test_metadata.jsonl", eval_prompts(per_task, test_fraction, seed))
     return out
 
