@@ -415,6 +415,29 @@ def test_plain_dcp_round_trip_needs_no_process_group(tmp_path):
     assert all(torch.equal(flat[f"model.{k}"], v) for k, v in model.state_dict().items())
 
 
+def test_a_parameter_that_never_gets_a_gradient_still_resumes(tmp_path):
+    """Qwen-Image's last block has outputs that feed nothing: AdamW never creates their state, yet a fresh
+    optimizer's load template (DCP initialises every parameter) expects it. The saved state has it."""
+    torch.manual_seed(0)
+
+    def build():
+        model = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 3), "unused": torch.nn.Linear(3, 3)})
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    model, optimizer = build()
+    model["used"](torch.randn(4, 3)).square().sum().backward()
+    optimizer.step()
+    dcp.save({"optimizer": OptimizerState(model, optimizer)}, checkpoint_id=str(tmp_path / "c"), no_dist=True)
+    fresh_model, fresh_optimizer = build()
+    fresh_model.load_state_dict(model.state_dict())
+    dcp.load({"optimizer": OptimizerState(fresh_model, fresh_optimizer)}, checkpoint_id=str(tmp_path / "c"),
+             no_dist=True)
+    for name, p in model.named_parameters():
+        saved, loaded = optimizer.state[p], fresh_optimizer.state[dict(fresh_model.named_parameters())[name]]
+        assert all(torch.equal(saved[k], loaded[k]) for k in ("step", "exp_avg", "exp_avg_sq")), name
+        assert saved["step"].item() == (1.0 if name.startswith("used") else 0.0)
+
+
 @pytest.mark.slow
 def test_online_dpo_resume_keeps_the_moving_reference(runs):
     """Online DPO's reference follows the policy (synced before epoch 2 here, at optimizer step 4): a

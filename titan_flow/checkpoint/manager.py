@@ -66,7 +66,23 @@ class OptimizerState(Stateful):
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self):
+        self.give_every_parameter_a_state()
         return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def give_every_parameter_a_state(self) -> None:
+        """AdamW creates a parameter's state at its first gradient, so a trainable parameter that never gets
+        one (Qwen-Image's last block: its text-stream output feeds nothing) would be absent from the saved
+        state, while the load template of a fresh optimizer (DCP initialises every parameter) expects it.
+        Such parameters get AdamW's own initial state, which no step reads while their gradient is None."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p not in self.optimizer.state:
+                    on_device = group.get("fused") or group.get("capturable")
+                    self.optimizer.state[p] = {
+                        "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    }
 
     def load_state_dict(self, sd):
         set_optimizer_state_dict(self.model, self.optimizer, sd)
