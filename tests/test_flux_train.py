@@ -70,12 +70,11 @@ RESUME = ["--training.steps", str(EPOCHS), "--eval.freq", "2", "--eval.max_promp
           "--checkpoint.keep_latest_k", "0"]
 
 
-@pytest.fixture(scope="module")
-def kontext_runs(tmp_path_factory):
-    """The Kontext debug job, 4 epochs at 2 ranks: straight through (checkpoints after epochs 2 and 4), and with a
-    checkpoint every epoch where rank 1 is SIGKILLed inside the save of step 3, then started again."""
-    out = tmp_path_factory.mktemp("kontext_runs")
-    base = ["--job.config_file", str(KONTEXT_DEBUG), "--job.output_dir", str(out), *RESUME]
+def kill_in_save_and_restart(out: Path, base: list[str]) -> tuple[tuple[int, list[int]], str]:
+    """A job (`base`: its config, output folder and 4 epochs) at 2 ranks, straight through (checkpoints after
+    epochs 2 and 4, run "straight"), and with a checkpoint every epoch where rank 1 is SIGKILLed inside the
+    save of step 3, then started again (run "crashed"). Returns (the killed run's exit code and complete
+    checkpoints, the restart's log)."""
     straight = torchrun(2, [*base, "--job.run_name", "straight", "--checkpoint.interval", "2"])
     assert straight.returncode == 0, (straight.stdout + straight.stderr)[-6000:]
     script = out / "crash_in_save.py"
@@ -85,12 +84,15 @@ def kontext_runs(tmp_path_factory):
     after_crash = (first.returncode, complete_steps(out / "crashed" / "checkpoint"))
     restart = torchrun(2, crashed)
     assert restart.returncode == 0, (restart.stdout + restart.stderr)[-6000:]
-    return out, after_crash, restart.stdout + restart.stderr
+    return after_crash, restart.stdout + restart.stderr
 
 
-def test_kontext_resume_after_kill_is_bitwise(kontext_runs):
-    out, (returncode, complete), log = kontext_runs
-    assert returncode != 0 and complete == [1, 2]  # the killed save never counted
+def assert_restart_matches_straight(out: Path, after_crash: tuple[int, list[int]], log: str) -> dict:
+    """The killed save never counted, the restart resumed from step 2, logged what the straight run logged
+    (evals every 2 epochs, 5 trained SDE steps on policy) and saved the same final state, bit for bit
+    (weights, AdamW, EMA, counters, window rng and the loader's position). Returns that final state."""
+    returncode, complete = after_crash
+    assert returncode != 0 and complete == [1, 2]
     assert f"resumed from {step_dir(out / 'crashed' / 'checkpoint', 2)}" in log
     reference = {record_id(r): training_scalars(r) for r in read_metrics(out / "straight")}
     assert sorted(reference) == [(0, "eval"), (0, "train"), (1, "train"), (2, "eval"), (2, "train"), (3, "train")]
@@ -103,7 +105,21 @@ def test_kontext_resume_after_kill_is_bitwise(kontext_runs):
     assert reference[3, "train"]["reward/avg_mean"] != reference[2, "train"]["reward/avg_mean"]  # other edits
     final_ref = flat_checkpoint(step_dir(out / "straight" / "checkpoint", EPOCHS), out)
     final = flat_checkpoint(step_dir(out / "crashed" / "checkpoint", EPOCHS), out)
-    assert_same_state(final_ref, final)  # weights, AdamW, EMA, counters, window rng and the loader's position
+    assert_same_state(final_ref, final)
+    return final
+
+
+@pytest.fixture(scope="module")
+def kontext_runs(tmp_path_factory):
+    """The Kontext debug job killed in a save and restarted, beside a straight run (kill_in_save_and_restart)."""
+    out = tmp_path_factory.mktemp("kontext_runs")
+    after_crash, log = kill_in_save_and_restart(out, ["--job.config_file", str(KONTEXT_DEBUG),
+                                                      "--job.output_dir", str(out), *RESUME])
+    return out, after_crash, log
+
+
+def test_kontext_resume_after_kill_is_bitwise(kontext_runs):
+    final = assert_restart_matches_straight(*kontext_runs)
     # The loader (2 workers) handed out 4 batches: its sampler resumes on round 4 and its workers' RNG is kept.
     loader = "train.data._snapshot._main_snapshot."
     assert (final[loader + "_index_sampler_state.counter"], final[loader + "_num_workers"]) == (EPOCHS, 2)

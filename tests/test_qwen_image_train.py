@@ -10,10 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_checkpoint import CRASH_SCRIPT, assert_same_state, flat_checkpoint, record_id, training_scalars
-from test_flux_train import assert_on_policy, read_metrics, torchrun  # the Kontext debug job's checks
-
-from titan_flow.checkpoint.manager import complete_steps, step_dir
+from test_flux_train import EPOCHS, assert_on_policy, assert_restart_matches_straight, kill_in_save_and_restart
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_QWEN = [
@@ -94,43 +91,13 @@ def test_edit_debug_job_on_two_gloo_ranks_is_on_policy(tmp_path):
 
 # --------------------------------------------------------------------------- Qwen-Image-Edit: kill and resume
 
-EPOCHS = 4
-
-
-@pytest.fixture(scope="module")
-def edit_runs(tmp_path_factory):
-    """The Qwen-Image-Edit debug job (with an EMA), 4 epochs at 2 ranks: straight through (checkpoints after epochs 2 and 4),
-    and with a checkpoint every epoch where rank 1 is SIGKILLed inside the save of step 3, then started again."""
-    out = tmp_path_factory.mktemp("qwen_edit_runs")
-    base = ["--job.config_file", str(EDIT_DEBUG), "--job.output_dir", str(out), "--training.steps", str(EPOCHS),
-            "--eval.freq", "2", "--eval.max_prompts", "4", "--metrics.enable_tensorboard", "false",
-            "--checkpoint.keep_latest_k", "0", "--training.ema", "true", "--training.ema_update_interval", "1"]
-    straight = torchrun(2, [*base, "--job.run_name", "straight", "--checkpoint.interval", "2"])
-    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-6000:]
-    script = out / "crash_in_save.py"
-    script.write_text(CRASH_SCRIPT)
-    crashed = [*base, "--job.run_name", "crashed", "--checkpoint.interval", "1"]
-    first = torchrun(2, crashed, script=str(script), env={"CRASH_STEP": "3", "CRASH_RANK": "1"})
-    after_crash = (first.returncode, complete_steps(out / "crashed" / "checkpoint"))
-    restart = torchrun(2, crashed)
-    assert restart.returncode == 0, (restart.stdout + restart.stderr)[-6000:]
-    return out, after_crash, restart.stdout + restart.stderr
-
 
 @pytest.mark.slow
-def test_edit_resume_after_kill_is_bitwise(edit_runs):
+def test_edit_resume_after_kill_is_bitwise(tmp_path):
     """Resume of the 20B family's path (meta build, FSDP2, true CFG, Qwen2.5-VL vision tokens, the loader's
-    workers): the restarted run logs what the straight run logged and ends with the same state, bit for bit."""
-    out, (returncode, complete), log = edit_runs
-    assert returncode != 0 and complete == [1, 2]  # the killed save never counted
-    assert f"resumed from {step_dir(out / 'crashed' / 'checkpoint', 2)}" in log
-    reference = {record_id(r): training_scalars(r) for r in read_metrics(out / "straight")}
-    assert sorted(reference) == [(0, "eval"), (0, "train"), (1, "train"), (2, "eval"), (2, "train"), (3, "train")]
-    assert_on_policy([r for k, r in reference.items() if k[1] == "train"], [0, 1, 2, 3, 4])
-    records = read_metrics(out / "crashed")
-    assert [record_id(r) for r in records][-3:] == [(2, "eval"), (2, "train"), (3, "train")]
-    for r in records:
-        assert training_scalars(r) == reference[record_id(r)], f"{record_id(r)} differs"
-    assert reference[3, "train"]["reward/avg_mean"] != reference[2, "train"]["reward/avg_mean"]  # other edits
-    assert_same_state(flat_checkpoint(step_dir(out / "straight" / "checkpoint", EPOCHS), out),
-                      flat_checkpoint(step_dir(out / "crashed" / "checkpoint", EPOCHS), out))
+    workers), the Qwen-Image-Edit debug job with an EMA killed in a save and restarted: it logs what the
+    straight run logged and ends with the same state, bit for bit."""
+    base = ["--job.config_file", str(EDIT_DEBUG), "--job.output_dir", str(tmp_path), "--training.steps", str(EPOCHS),
+            "--eval.freq", "2", "--eval.max_prompts", "4", "--metrics.enable_tensorboard", "false",
+            "--checkpoint.keep_latest_k", "0", "--training.ema", "true", "--training.ema_update_interval", "1"]
+    assert_restart_matches_straight(tmp_path, *kill_in_save_and_restart(tmp_path, base))
