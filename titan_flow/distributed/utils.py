@@ -7,6 +7,7 @@ out where it would shard and cast nothing: distributed/parallelize.py, `fsdp_is_
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -125,7 +126,14 @@ class FailureRelay:
     on another rank's failure, logs it and exits the process. Without it the other ranks would sit in
     a collective until `parallelism.timeout_seconds` and then report only a timeout. A rank that dies
     without a traceback (killed, segfault) still ends the job through that timeout or the launcher.
+
+    The thread is stopped and joined before the process group goes (`destroy_distributed`) and at exit:
+    a daemon thread still inside a store call when the interpreter finalizes is unwound through C++
+    frames, which aborts the process ("terminate called without an active exception", SIGABRT), so a
+    run that finished could exit with a signal now and then.
     """
+
+    active: FailureRelay | None = None
 
     def __init__(self, rank: int, poll_seconds: float):
         self.rank = rank
@@ -135,6 +143,8 @@ class FailureRelay:
             timeout=datetime.timedelta(seconds=60),
         )
         self.poll_seconds = poll_seconds
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.watch, name="titan_flow-failure-relay", daemon=True)
 
     @classmethod
     def install(cls, rank: int, poll_seconds: float = 1.0) -> FailureRelay:
@@ -149,8 +159,16 @@ class FailureRelay:
                 time.sleep(2 * relay.poll_seconds)  # rather than with a collective's "connection closed"
 
         sys.excepthook = hook
-        threading.Thread(target=relay.watch, name="titan_flow-failure-relay", daemon=True).start()
+        relay.thread.start()
+        atexit.register(relay.stop)
+        cls.active = relay
         return relay
+
+    def stop(self) -> None:
+        """End the watch and wait for it (it stops within one store call), so no thread is left inside the store."""
+        self.stopped.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=60)  # the store's own timeout bounds the call it may be in
 
     def post(self, text: str) -> bool:
         """Record this rank's failure unless another rank's came first (then name that one as the cause).
@@ -167,7 +185,8 @@ class FailureRelay:
     def watch(self) -> None:
         try:
             while not self.store.check([self.key]):
-                time.sleep(self.poll_seconds)
+                if self.stopped.wait(self.poll_seconds):
+                    return
             message = self.store.get(self.key).decode()
         except Exception:  # the store closed: the job has ended
             return
@@ -178,6 +197,9 @@ class FailureRelay:
 
 
 def destroy_distributed() -> None:
+    if FailureRelay.active is not None:
+        FailureRelay.active.stop()
+        FailureRelay.active = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
