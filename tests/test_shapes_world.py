@@ -15,8 +15,8 @@ import torch
 
 from titan_flow.data.prompts import load_prompt_dataset
 from titan_flow.data.shapes import (
-    COLORS, SHAPES, TASKS, Shape, all_prompts, eval_prompts, relative_position, render, rl_train_prompts, sample_scene,
-    split_prompts, vocabulary, write_dataset, write_prompt_sets,
+    COLORS, SHAPES, TASKS, Shape, all_prompts, eval_prompts, near_misses, relative_position, render, rl_train_prompts,
+    sample_scene, split_prompts, vocabulary, write_dataset, write_prompt_sets,
 )
 from titan_flow.rewards import MultiReward, build_reward, geneval_breakdown
 from titan_flow.rewards.shapes_geneval import detect
@@ -108,6 +108,42 @@ def test_datasets_are_reproducible_and_the_geneval_loader_reads_them(tmp_path):
     assert [r.prompt for r in rl_train] == [r["prompt"] for r in rl_train_prompts()]
     assert len(load_prompt_dataset(str(prompts), "test")) == 3 * len(TASKS)
     assert json.loads((prompts / "test_metadata.jsonl").read_text().splitlines()[0])["tag"] == TASKS[0]
+
+
+
+def test_near_misses_differ_in_one_word_within_the_task():
+    for meta in all_prompts():
+        misses = near_misses(meta["prompt"])
+        assert misses, meta["prompt"]
+        for miss in misses:
+            assert record(miss)["tag"] == meta["tag"]
+            a, b = meta["prompt"].split(), miss.split()
+            assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
+    assert set(near_misses("three triangles")) == {"two triangles", "four triangles", "three circles", "three squares"}
+    with pytest.raises(ValueError, match="'a dog' is not a prompt of the shapes world"):
+        near_misses("a dog")
+
+
+def test_caption_noise_draws_near_misses_that_the_scorer_reads_as_such(tmp_path):
+    from PIL import Image
+
+    out = write_dataset(tmp_path / "noisy", num_train=200, per_task=1, seed=3, caption_noise=0.5)
+    rows = [json.loads(line) for line in (out / "train_metadata.jsonl").read_text().splitlines()]
+    noisy = [r for r in rows if "depicts" in r]
+    # binomial(200, 0.5): 5.3 standard deviations either side
+    assert 100 - 38 < len(noisy) < 100 + 38
+    assert all(r["depicts"] in near_misses(r["prompt"]) for r in noisy)
+    pictures = [np.asarray(Image.open(out / r["image"]).convert("RGB")) for r in rows]
+    as_depicted = score(pictures, [record(r.get("depicts", r["prompt"])) for r in rows], only_strict=True)
+    assert as_depicted["strict_accuracy"] == [1.0] * len(rows)
+    as_captioned = score(pictures, [record(r["prompt"]) for r in rows], only_strict=True)["strict_accuracy"]
+    # a near miss never satisfies its caption, except a diagonal placement that holds both relations
+    wrong_yet_right = [r for r, ok in zip(rows, as_captioned) if "depicts" in r and ok]
+    assert all(r["tag"] == "position" for r in wrong_yet_right)
+    clean = write_dataset(tmp_path / "clean", num_train=12, per_task=1, seed=3)
+    assert "depicts" not in (clean / "train_metadata.jsonl").read_text()
+    with pytest.raises(ValueError, match="caption_noise must be in"):
+        write_dataset(tmp_path / "bad", num_train=1, caption_noise=1.0)
 
 
 # ------------------------------------------------------------------------------------------ scorer
@@ -216,6 +252,18 @@ def test_training_mode_drops_the_standard_accuracy():
     meta = record("a blue triangle")
     out = REWARD(as_images([render([Shape("triangle", "blue", 5, 5, 7)])]), [meta["prompt"]], [meta])
     assert set(out) == {"score", "strict_accuracy", *(f"{t}_strict_accuracy" for t in TASKS)}
+
+
+def test_train_on_strict_trains_on_the_all_or_nothing_verdict():
+    meta = record("three squares")
+    pictures = [render([Shape("square", "red", x, y, 7) for x, y in corners])
+                for corners in ([(0, 0), (8, 0), (0, 8)], [(0, 0), (8, 0)])]  # right count, one short
+    images, prompts = as_images(pictures), [meta["prompt"]] * 2
+    partial = REWARD(images, prompts, [meta] * 2)["score"].tolist()
+    strict = build_reward("shapes_geneval", train_on="strict")(images, prompts, [meta] * 2)["score"].tolist()
+    assert partial == pytest.approx([1.0, 2 / 3]) and strict == [1.0, 0.0]
+    with pytest.raises(ValueError, match="reward.options.shapes_geneval.train_on must be 'partial' or 'strict', got 'all'"):
+        build_reward("shapes_geneval", train_on="all")
 
 
 @pytest.mark.parametrize("meta, message", [

@@ -260,27 +260,55 @@ def rl_train_prompts(test_fraction: float = 0.25, seed: int = 0) -> list[dict]:
     return _cycled_per_task(train, max(sum(r["tag"] == task for r in train) for task in TASKS))
 
 
+@lru_cache(maxsize=None)
+def near_misses(prompt: str) -> tuple[str, ...]:
+    """The prompts of `prompt`'s task that differ from it in exactly one word ("two triangles" for
+    "three triangles", "a blue circle" for "a red circle", "a triangle right of a circle" for "a
+    triangle left of a circle"): the mistakes a loose caption makes about a picture."""
+    by_prompt = {r["prompt"]: r for r in all_prompts()}
+    if prompt not in by_prompt:
+        raise ValueError(f"{prompt!r} is not a prompt of the shapes world")
+    words = prompt.split()
+    return tuple(r["prompt"] for r in all_prompts((by_prompt[prompt]["tag"],))
+                 if len(r["prompt"].split()) == len(words)
+                 and sum(a != b for a, b in zip(r["prompt"].split(), words)) == 1)
+
+
 def write_dataset(out_dir: str | Path, num_train: int, per_task: int = 64, seed: int = 0,
-                  test_fraction: float = 0.25) -> Path:
+                  test_fraction: float = 0.25, caption_noise: float = 0.0) -> Path:
     """The pretraining set and the held-out eval prompts, in the `{split}_metadata.jsonl` layout.
 
     train: `num_train` pictures, each of a prompt drawn uniformly from a uniformly drawn task (all
     150 prompts: pretraining sees the whole world; RL trains on `split_prompts`' train part), with
     `"image"` = its PNG's path relative to `out_dir`. test: `eval_prompts(per_task)`, without pictures.
+
+    `caption_noise`: the share of pictures that show a near miss of their caption (`near_misses`, drawn
+    uniformly; the record names it as `"depicts"`), as web captions miss counts, colours and sides. A
+    model trained on them draws the near misses as often, a mistake that is a mode of its own
+    distribution, which RL can select against (as it does for real text-to-image models).
     """
     from PIL import Image
 
+    if not 0.0 <= caption_noise < 1.0:
+        raise ValueError(f"caption_noise must be in [0, 1), got {caption_noise}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     by_task = {task: all_prompts((task,)) for task in TASKS}
+    by_prompt = {r["prompt"]: r for r in all_prompts()}
     records = []
     for n in range(num_train):
         task = TASKS[rng.integers(len(TASKS))]
         meta = dict(by_task[task][rng.integers(len(by_task[task]))])
         name = f"images/{n:07d}.png"
-        Image.fromarray(render(sample_scene(meta, rng))).save(out / name)
-        records.append({**meta, "image": name})
+        extra = {}
+        scene = meta
+        if caption_noise and rng.random() < caption_noise:
+            misses = near_misses(meta["prompt"])
+            scene = by_prompt[misses[rng.integers(len(misses))]]
+            extra = {"depicts": scene["prompt"]}
+        Image.fromarray(render(sample_scene(scene, rng))).save(out / name)
+        records.append({**meta, "image": name, **extra})
     write_jsonl(out / "train_metadata.jsonl", records)
     write_jsonl(out / "test_metadata.jsonl", eval_prompts(per_task, test_fraction, seed))
     return out
@@ -301,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-train", type=int, default=60000, help="training pictures")
     parser.add_argument("--eval-per-task", type=int, default=64, help="held-out eval records per task")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and of the prompt split")
+    parser.add_argument("--caption-noise", type=float, default=0.0,
+                        help="share of pictures that show a near miss of their caption (write_dataset)")
     parser.add_argument("--prompts-only", action="store_true", help="write only the RL prompt sets (no pictures)")
     args = parser.parse_args(argv)
     if args.prompts_only:
@@ -308,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.num_train < 1:
             parser.error(f"--num-train must be >= 1, got {args.num_train}")
-        out = write_dataset(args.out, args.num_train, args.eval_per_task, args.seed)
+        out = write_dataset(args.out, args.num_train, args.eval_per_task, args.seed,
+                            caption_noise=args.caption_noise)
     print(f"wrote {out}")
 
 

@@ -22,6 +22,7 @@ The metadata is then scored exactly as the GenEval reward server (yifan123/rewar
   and the position 1 if the relation holds (0 otherwise, or when the referred item failed). The mean
   over the appended terms. The server appends an extra 1.0 after a failed relation (a bug noted in
   flow_grpo_algorithm.md section 14, quirk 14); it is not reproduced, so a wrong position scores 0;
+  `reward.options.shapes_geneval.train_on = "strict"` trains on the strict verdict (0 or 1) instead;
 * with `only_strict=False` (evaluation), `accuracy` and `<tag>_accuracy`: standard GenEval, i.e. at
   least `count` objects of the class, colour and position checked on the `count` most confident
   ones, and fewer than `count` objects of each exclude item's class.
@@ -250,12 +251,14 @@ def standard_correct(objects: list[Detection], meta: dict) -> bool:
 class ShapesGenEval(Reward):
     name = "shapes_geneval"
 
-    def __init__(self, min_area: int = MIN_AREA, min_confidence: float = MIN_CONFIDENCE):
+    def __init__(self, min_area: int = MIN_AREA, min_confidence: float = MIN_CONFIDENCE, train_on: str = "partial"):
+        if train_on not in ("partial", "strict"):
+            raise ValueError(f"reward.options.shapes_geneval.train_on must be 'partial' or 'strict', got {train_on!r}")
         if min_area < 1:
             raise ValueError(f"reward.options.shapes_geneval.min_area must be >= 1, got {min_area}")
         if not 0 < min_confidence <= 1:
             raise ValueError(f"reward.options.shapes_geneval.min_confidence must be in (0, 1], got {min_confidence}")
-        self.min_area, self.min_confidence = min_area, min_confidence
+        self.min_area, self.min_confidence, self.train_on = min_area, min_confidence, train_on
 
     def __call__(self, images, prompts, metadata, ref_images=None, only_strict=True):
         for meta in metadata:
@@ -269,7 +272,7 @@ class ShapesGenEval(Reward):
             per_image = {"strict_accuracy": float(strict)}
             if not only_strict:
                 per_image["accuracy"] = float(standard_correct(objects, meta))
-            columns["score"].append(score)
+            columns["score"].append(float(strict) if self.train_on == "strict" else score)
             for key, value in per_image.items():
                 columns[key].append(value)
                 for tag in TASKS:
