@@ -557,3 +557,38 @@ def test_edit_encodes_the_reference_counting_edit_rows(ours_edit, tmp_path):
     mine = {k: v[:1] for k, v in ours_edit.encode(batch.prompts[:1], images=batch.images[:1]).items()}
     assert other["prompt_embeds"].shape == mine["prompt_embeds"].shape
     assert not torch.allclose(other["prompt_embeds"], mine["prompt_embeds"])
+
+
+@pytest.mark.slow  # one CLI run: the source at diffusers' ~1024^2 condition area is ~2,700 tokens of the tiny model
+def test_sample_cli_edits_like_diffusers_qwen_image_edit(edit_dir, reference_edit, tmp_path):
+    """`sample --image src.png` with a Qwen-Image-Edit directory = QwenImageEditPipeline(image=src) within 1 uint8
+    level: the source at diffusers' own condition area (not this file's CPU-sized one), true CFG, a source |
+    edited PNG beside the result."""
+    source = tmp_path / "source.png"
+    sources(1)[0].save(source)
+    edit, steps, cfg = EDITS[1], 4, 4.0
+    _, expected = run_diffusers(reference_edit, image=Image.open(source).convert("RGB"), prompt=edit,
+                                negative_prompt="", height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps,
+                                true_cfg_scale=cfg, generator=torch.Generator().manual_seed(5))
+    expected = (expected[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    out = tmp_path / "edits"
+    argv = ["--model", "qwen_image", "--pretrained_path", str(edit_dir), "--device", "cpu", "--seed", "5",
+            "--out", str(out), "--image", str(source), "--prompt", edit, "--resolution", str(RESOLUTION),
+            "--steps", str(steps), "--guidance", str(cfg)]
+    proc = subprocess.run([sys.executable, "-m", "titan_flow.sample", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (edited,) = [p for p in out.glob("*.png") if not p.stem.endswith("_source_edited")]
+    ours = np.asarray(Image.open(edited))
+    level_diff = np.abs(ours.astype(int) - expected.astype(int)).max()
+    print(f"sample CLI --image vs QwenImageEditPipeline: max {level_diff} uint8 levels")
+    assert ours.shape == expected.shape == (RESOLUTION, RESOLUTION, 3) and expected.std() > 5
+    assert level_diff <= 1
+    pair = np.asarray(Image.open(edited.with_name(edited.stem + "_source_edited.png")))
+    assert pair.shape == (RESOLUTION, 2 * RESOLUTION, 3) and np.array_equal(pair[:, RESOLUTION:], ours)
+    # the test can fail: with another source (a grey one of the same size) diffusers' edit differs
+    _, other = run_diffusers(reference_edit, image=Image.new("RGB", Image.open(source).size, "gray"), prompt=edit,
+                             negative_prompt="", height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps,
+                             true_cfg_scale=cfg, generator=torch.Generator().manual_seed(5))
+    other = (other[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.abs(other.astype(int) - ours.astype(int)).max() > 1
