@@ -490,11 +490,12 @@ def _sample_cli(tiny_dir, out_dir, *extra: str) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p)) for p in sorted(Path(out_dir).glob("*.png"))])
 
 
-def _diffusers_pngs(reference, **kwargs) -> np.ndarray:
+def _diffusers_pngs(reference, prompt=CLI_PROMPTS, **kwargs) -> np.ndarray:
+    """diffusers' images as its numpy_to_pil writes them, seeded like the CLI's --seed 5."""
     # true CFG needs a negative prompt in diffusers; the CLI's is sampling.negative_prompt ("" by default)
-    out = reference(CLI_PROMPTS, negative_prompt="", generator=torch.Generator().manual_seed(5), output_type="np",
+    out = reference(prompt=prompt, negative_prompt="", generator=torch.Generator().manual_seed(5), output_type="np",
                     **kwargs).images
-    return (out * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
+    return (out * 255).round().astype(np.uint8)
 
 
 @pytest.mark.slow
@@ -567,10 +568,12 @@ def test_sample_cli_edits_like_diffusers_qwen_image_edit(edit_dir, reference_edi
     source = tmp_path / "source.png"
     sources(1)[0].save(source)
     edit, steps, cfg = EDITS[1], 4, 4.0
-    _, expected = run_diffusers(reference_edit, image=Image.open(source).convert("RGB"), prompt=edit,
-                                negative_prompt="", height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps,
-                                true_cfg_scale=cfg, generator=torch.Generator().manual_seed(5))
-    expected = (expected[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+    def diffusers_edit(image: Image.Image) -> np.ndarray:
+        return _diffusers_pngs(reference_edit, edit, image=image, height=RESOLUTION, width=RESOLUTION,
+                               num_inference_steps=steps, true_cfg_scale=cfg)[0]
+
+    expected = diffusers_edit(Image.open(source).convert("RGB"))
     out = tmp_path / "edits"
     argv = ["--model", "qwen_image", "--pretrained_path", str(edit_dir), "--device", "cpu", "--seed", "5",
             "--out", str(out), "--image", str(source), "--prompt", edit, "--resolution", str(RESOLUTION),
@@ -587,8 +590,5 @@ def test_sample_cli_edits_like_diffusers_qwen_image_edit(edit_dir, reference_edi
     pair = np.asarray(Image.open(edited.with_name(edited.stem + "_source_edited.png")))
     assert pair.shape == (RESOLUTION, 2 * RESOLUTION, 3) and np.array_equal(pair[:, RESOLUTION:], ours)
     # the test can fail: with another source (a grey one of the same size) diffusers' edit differs
-    _, other = run_diffusers(reference_edit, image=Image.new("RGB", Image.open(source).size, "gray"), prompt=edit,
-                             negative_prompt="", height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps,
-                             true_cfg_scale=cfg, generator=torch.Generator().manual_seed(5))
-    other = (other[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    other = diffusers_edit(Image.new("RGB", Image.open(source).size, "gray"))
     assert np.abs(other.astype(int) - ours.astype(int)).max() > 1
