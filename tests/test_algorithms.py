@@ -15,6 +15,7 @@ import kernels
 from titan_flow.config import ConfigError, build_job_config
 from titan_flow.rl.advantage import compute_advantages
 from titan_flow.rl.algorithms.dpo import FlowDPO, preference_pairs
+from titan_flow.rl.algorithms import needs_frozen_copy
 from titan_flow.rl.algorithms.grpo import GRPO
 from titan_flow.rl.rollout import draw_sde_window, sample_branched_trajectory, step_noise_levels, trained_steps
 from titan_flow.models.common.schedules import static_shift_sigmas
@@ -394,9 +395,73 @@ def test_bad_algorithm_configs_name_the_field():
         ("--rl.algorithm", "dpo", "--sampling.num_image_per_prompt", "1", "--sampling.batch_size", "1"):
             "num_image_per_prompt must be >= 2",
         ("--rl.ref_update_interval", "0"): "rl.ref_update_interval must be >= 1",
+        ("--rl.algorithm", "awm", "--sampling.num_image_per_prompt", "1", "--sampling.batch_size", "1"):
+            "'awm' compares the images of a group; sampling.num_image_per_prompt must be >= 2",
+        ("--rl.algorithm", "awm", "--rl.fm_sigma_min", "1.0"): r"rl.fm_sigma_min must be in \[0, 1\), got 1.0",
+        ("--rl.fm_sigma_min", "0.5"): "rl.fm_sigma_min = 0.5 shapes the flow-matching loss .* rl.algorithm = 'grpo'",
         ("--lora.enable", "--lora.target_modules", "[]"): "lora.target_modules must be a non-empty list",
         ("--rl.algorithm", "ppo"): "rl.algorithm: 'ppo' is not allowed",
     }
     for args, msg in cases.items():
         with pytest.raises(ConfigError, match=msg):
             build_job_config(list(args))
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantage Weighted Matching: GRPO's advantages on the flow-matching loss of the policy's own rollouts
+
+
+def test_awm_weights_the_flow_matching_loss_of_its_own_rollouts_by_the_clipped_group_advantages(tmp_path, monkeypatch):
+    from titan_flow.rl.algorithms.awm import AdvantageWeightedMatching
+    from titan_flow.rl.algorithms.sft import FlowSFT
+
+    seen, original = [], FlowSFT.flow_matching_loss
+
+    def recording(self, x0, cond, weights):
+        loss, record = original(self, x0, cond, weights)
+        seen.append((weights.clone(), self.epoch_advantages.clone(), loss.detach(), record["loss/fm_weighted"].detach()))
+        return loss, record
+
+    def keep_advantages(self, batches, epoch):
+        self.epoch_advantages = torch.cat([b.advantages for b in batches])
+        return train(self, batches, epoch)
+
+    train = AdvantageWeightedMatching.train
+    monkeypatch.setattr(FlowSFT, "flow_matching_loss", recording)
+    monkeypatch.setattr(AdvantageWeightedMatching, "train", keep_advantages)
+    run = train_run(tmp_path, "awm", "--rl.algorithm", "awm", "--rl.adv_clip_max", "0.5", "--sampling.guidance_scale", "1",
+                    "--eval.guidance_scale", "1", steps=3)
+    assert len(seen) == 3  # one training batch per epoch
+    for weights, advantages, loss, weighted in seen:
+        assert abs(advantages.sum().item()) < 1e-5  # one group of 4 per epoch: GRPO's advantages sum to 0 over it
+        assert torch.equal(weights, advantages.clamp(-0.5, 0.5))  # clipped to adv_clip_max = 0.5
+        assert loss == weighted  # no KL term at beta = 0: the loss is the weighted flow-matching error
+    assert any((advantages.abs() > 0.5).any() for _, advantages, _, _ in seen)  # the clip did apply
+    for m in run:
+        assert math.isfinite(m["loss/fm"]) and "reference/steps_since_sync" not in m  # no reference copy
+    cfg = build_job_config([*TINY, "--rl.algorithm", "awm"])
+    assert not needs_frozen_copy(cfg)
+    assert needs_frozen_copy(build_job_config([*TINY, "--rl.algorithm", "awm", "--rl.beta", "0.1"]))
+
+
+def test_fm_sigma_min_draws_only_the_high_noise_levels():
+    from titan_flow.rl.algorithms.awm import AdvantageWeightedMatching
+
+    def draws(*args):
+        algo = AdvantageWeightedMatching.__new__(AdvantageWeightedMatching)
+        algo.cfg = build_job_config(["--rl.algorithm", "awm", *args])
+        algo.policy = SimpleNamespace(sigmas=lambda n: static_shift_sigmas(n, 3.0))
+        algo._sigma_grid, algo.noise_generator = None, torch.Generator().manual_seed(0)
+        sigma, eps = algo.draw_noise(torch.zeros(4000, 3, 2, 2))
+        assert eps.shape == (4000, 3, 2, 2)
+        return sigma
+
+    grid = static_shift_sigmas(1000, 3.0)[:-1]
+    full, high = draws(), draws("--rl.fm_sigma_min", "0.6")
+    assert (full < 0.6).float().mean() > 0.2  # logit-normal over the whole schedule
+    assert high.min() >= 0.6 and high.max() == grid.max()
+    # uniform over the levels >= 0.6: each quarter of them gets a quarter of the draws (5 binomial sigmas)
+    levels = grid[grid >= 0.6]
+    quarter = levels[len(levels) // 4]
+    share = (high > quarter).float().mean().item()
+    assert abs(share - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 4000), share

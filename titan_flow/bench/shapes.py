@@ -1,6 +1,6 @@
 """The algorithm table on the shapes world: accuracy gained per wall-clock minute, same weights, same budget.
 
-    python -m titan_flow.bench.shapes [--epochs 60] [--nproc 2] [--algorithms grpo,fast,cps,guard,dpo,online_sft]
+    python -m titan_flow.bench.shapes [--epochs 60] [--nproc 2] [--algorithms grpo,fast,cps,guard,awm,dpo,online_sft]
                                       [--out outputs/bench_shapes] [--section.key value ...]
 
 Every algorithm starts from the shipped shapes model and runs the shapes GRPO demo
@@ -30,12 +30,14 @@ ALGORITHMS = {
              ["--sampling.sde_window_size", "2", "--sampling.sde_window_range", "0,5"]),
     "cps": ("Flow-CPS sampling", ["--sampling.sde_type", "cps"]),
     "guard": ("GRPO-Guard (RatioNorm + gradient reweighting)", ["--rl.ratio_norm", "true", "--rl.grad_reweight", "true"]),
+    "awm": ("AWM: GRPO's advantages on the flow-matching loss at noise levels >= 0.6 (independent initial noise)",
+            ["--rl.algorithm", "awm", "--rl.fm_sigma_min", "0.6", "--sampling.same_latent", "false"]),
     "dpo": ("Flow-DPO (rollouts of the initial model)", ["--rl.algorithm", "dpo"]),
     "online_dpo": ("Online Flow-DPO", ["--rl.algorithm", "online_dpo"]),
     "sft": ("Flow-SFT on each group's best (rollouts of the initial model)", ["--rl.algorithm", "sft"]),
     "online_sft": ("Online Flow-SFT on each group's best", ["--rl.algorithm", "online_sft"]),
 }
-DEFAULT = "grpo,fast,cps,guard,dpo,online_sft"
+DEFAULT = "grpo,fast,cps,guard,awm,dpo,online_sft"
 STRICT = "eval/geneval/overall_strict"
 
 

@@ -113,8 +113,8 @@ class Sampling:
 @dataclass
 class RL:
     algorithm: str = choices(
-        "grpo", "grpo", "dpo", "online_dpo", "sft", "online_sft", "supervised",
-        help="grpo (Flow-GRPO, -Fast, GRPO-Guard); dpo / sft: rollouts from the frozen initial policy; "
+        "grpo", "grpo", "awm", "dpo", "online_dpo", "sft", "online_sft", "supervised",
+        help="grpo (Flow-GRPO, -Fast, GRPO-Guard); awm (GRPO's advantages on the flow-matching loss); dpo / sft: rollouts from the frozen initial policy; "
         "online_dpo / online_sft: that reference policy follows the trained one (rl.ref_update_interval); "
         "supervised: offline flow matching on data.path's (prompt, image) records (pretraining, SFT before RL)",
     )
@@ -134,6 +134,11 @@ class RL:
         1,
         "online_dpo / online_sft: the reference policy (it samples the rollouts and anchors the DPO loss) is set "
         "to the trained policy every this many optimizer steps (the reference's ref_update_step; its example: 40)",
+    )
+    fm_sigma_min: float = doc(
+        0.0,
+        "awm / dpo / sft / supervised: > 0 draws the flow-matching loss's noise level uniformly from the schedule's "
+        "levels >= this value (the high ones, where the composition is decided) instead of logit-normal over all",
     )
     dpo_beta: float = doc(100.0, "Flow-DPO: beta in -log sigmoid(-beta/2 ((e_w - e_w_ref) - (e_l - e_l_ref)))")
     ratio_norm: bool = doc(

@@ -313,10 +313,16 @@ def _validate_algorithm(cfg: JobConfig, need) -> None:
             "rl.algorithm = 'supervised' trains on dataset records, not on groups of samples: set "
             f"sampling.num_image_per_prompt = 1 (got {s.num_image_per_prompt})",
         )
-    if rl.algorithm in ("dpo", "online_dpo"):
+    need(0 <= rl.fm_sigma_min < 1, f"rl.fm_sigma_min must be in [0, 1), got {rl.fm_sigma_min}")
+    need(
+        rl.fm_sigma_min == 0 or rl.algorithm != "grpo",
+        f"rl.fm_sigma_min = {rl.fm_sigma_min} shapes the flow-matching loss of awm / dpo / sft / supervised; "
+        "rl.algorithm = 'grpo' trains on the sampled steps (use sampling.sde_window_range to choose them)",
+    )
+    if rl.algorithm in ("dpo", "online_dpo", "awm"):
         need(
             s.num_image_per_prompt >= 2,
-            f"rl.algorithm = {rl.algorithm!r} trains on best/worst pairs of a group; "
+            f"rl.algorithm = {rl.algorithm!r} compares the images of a group; "
             f"sampling.num_image_per_prompt must be >= 2, got {s.num_image_per_prompt}",
         )
     if rl.algorithm == "online_sft" and rl.beta > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from titan_flow.config import JobConfig
+from titan_flow.rl.algorithms.awm import AdvantageWeightedMatching
 from titan_flow.rl.algorithms.base import EpochResult, OnlineAlgorithm, RolloutBatch
 from titan_flow.rl.algorithms.dpo import FlowDPO
 from titan_flow.rl.algorithms.grpo import GRPO
@@ -11,7 +12,7 @@ from titan_flow.rl.algorithms.sft import FlowSFT
 from titan_flow.rl.algorithms.supervised import SupervisedFlowMatching
 
 ALGORITHMS = {
-    "grpo": GRPO, "dpo": FlowDPO, "online_dpo": FlowDPO, "sft": FlowSFT, "online_sft": FlowSFT,
+    "grpo": GRPO, "awm": AdvantageWeightedMatching, "dpo": FlowDPO, "online_dpo": FlowDPO, "sft": FlowSFT, "online_sft": FlowSFT,
     "supervised": SupervisedFlowMatching,
 }
 
@@ -23,7 +24,7 @@ def is_online(cfg: JobConfig) -> bool:
 def needs_frozen_copy(cfg: JobConfig) -> bool:
     """Full fine-tuning keeps one frozen copy of the model for the reference policy (DPO/SFT rollouts
     and anchors, GRPO's KL); under LoRA the reference is the adapter switched off or its frozen slot."""
-    return not cfg.lora.enable and (cfg.rl.algorithm not in ("grpo", "supervised") or cfg.rl.beta > 0)
+    return not cfg.lora.enable and (cfg.rl.algorithm not in ("grpo", "awm", "supervised") or cfg.rl.beta > 0)
 
 
 def needs_lora_reference_slot(cfg: JobConfig) -> bool:

@@ -50,9 +50,15 @@ class FlowMatchingAlgorithm(OnlineAlgorithm):
         return self._sigma_grid
 
     def draw_noise(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigma (B,), eps like x0): logit-normal sigma on the family's grid, standard normal eps."""
+        """(sigma (B,), eps like x0): logit-normal sigma on the family's grid (with `rl.fm_sigma_min` > 0:
+        uniform over the grid's levels at or above it), standard normal eps."""
         grid = self.sigma_grid()
-        u = torch.sigmoid(torch.randn(x0.shape[0], generator=self.noise_generator, device=self.noise_generator.device))
+        n, device = x0.shape[0], self.noise_generator.device
+        if self.cfg.rl.fm_sigma_min > 0:
+            grid = grid[grid >= self.cfg.rl.fm_sigma_min]
+            u = torch.rand(n, generator=self.noise_generator, device=device)
+        else:
+            u = torch.sigmoid(torch.randn(n, generator=self.noise_generator, device=device))
         index = (u * len(grid)).long().clamp(max=len(grid) - 1).to(grid.device)
         eps = torch.randn(x0.shape, generator=self.noise_generator, device=self.noise_generator.device)
         return grid[index].to(x0.device), eps.to(x0.device)
