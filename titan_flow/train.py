@@ -1,7 +1,8 @@
 """Entry point: `torchrun ... -m titan_flow.train --job.config_file train_configs/debug_cpu.toml`.
 
-Builds every component from the JobConfig and runs the RL loop. With no config file at all it runs
-the embedded default: a tiny random-init SD3 on the CPU with the JPEG-compressibility reward.
+Builds every component from the JobConfig and runs the RL loop. With no arguments at all it runs the
+shapes demo (train_configs/shapes_demo.toml on the package's shipped shapes model and prompts); any
+argument starts from the config defaults instead, which are the tiny debug job (debug_cpu.toml).
 """
 
 from __future__ import annotations
@@ -114,8 +115,22 @@ def build_dataset(cfg: JobConfig, split: str):
     return load_prompt_dataset(cfg.data.path, split, cfg.data.format, cfg.data.image_key)
 
 
+SHAPES_ASSETS = Path(__file__).resolve().parent / "assets" / "shapes"
+DEMO_JOB = Path(__file__).resolve().parents[1] / "train_configs" / "shapes_demo.toml"
+
+
+def demo_job_args() -> list[str]:
+    """The no-argument job: the shapes demo, its asset paths taken from the package so it runs from any folder."""
+    if not DEMO_JOB.is_file():
+        raise SystemExit(f"titan_flow.train without arguments runs the shapes demo, but {DEMO_JOB} is missing: install "
+                         "titan_flow from its repository (pip install -e .) or pass --job.config_file")
+    return ["--job.config_file", str(DEMO_JOB), "--model.pretrained_path", str(SHAPES_ASSETS / "model"),
+            "--data.path", str(SHAPES_ASSETS / "prompts")]
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = build_job_config(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = build_job_config(argv or demo_job_args())
     kernels.set_backend(cfg.training.kernel_backend)
     dims = init_distributed(cfg)
     setup_logging(dims.rank)
