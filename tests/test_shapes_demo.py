@@ -27,8 +27,8 @@ from titan_flow.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_ASSETS = REPO / "titan_flow" / "assets" / "shapes"
-DEMO_TOML = REPO / "train_configs" / "shapes_grpo.toml"
-DEMO = ["--job.config_file", str(DEMO_TOML)]
+GRPO_TOML = REPO / "train_configs" / "shapes_grpo.toml"
+GRPO_RECIPE = ["--job.config_file", str(GRPO_TOML)]
 NO_ARGUMENT_DEMO = REPO / "train_configs" / "shapes_demo.toml"
 needs_shipped_model = pytest.mark.skipif(
     not (SHAPES_ASSETS / "model" / "model_index.json").is_file(),
@@ -52,10 +52,10 @@ def test_the_demo_recipe_is_the_debug_job_on_the_shapes_world():
     """shapes_grpo.toml differs from the embedded default (debug) job only in the model, the data, the
     reward, the run's length and the evals; the paths are the package's assets, relative to the repository."""
     defaults = to_dict(build_job_config([]))
-    demo = to_dict(build_job_config(DEMO))
+    demo = to_dict(build_job_config(GRPO_RECIPE))
     differs = {f"{s}.{k}": demo[s][k] for s in defaults for k in defaults[s] if defaults[s][k] != demo[s][k]}
     assert differs == {
-        "job.config_file": str(DEMO_TOML), "job.run_name": "shapes_grpo",
+        "job.config_file": str(GRPO_TOML), "job.run_name": "shapes_grpo",
         "model.pretrained_path": "titan_flow/assets/shapes/model", "model.resolution": 16, "model.width": 16,
         "model.max_sequence_length": 8, "sampling.num_steps": 10, "optimizer.lr": 1e-4, "training.steps": 400,
         "reward.fns": {"shapes_geneval": 1.0}, "data.path": "titan_flow/assets/shapes/prompts", "eval.freq": 100,
@@ -66,7 +66,7 @@ def test_the_demo_recipe_is_the_debug_job_on_the_shapes_world():
 
 def base_eval(out: Path) -> dict:
     """The demo job's eval of the shipped weights (training.steps = 0: only the final eval runs)."""
-    assert train_main([*DEMO, "--job.output_dir", str(out), "--training.steps", "0", "--checkpoint.enable", "false",
+    assert train_main([*GRPO_RECIPE, "--job.output_dir", str(out), "--training.steps", "0", "--checkpoint.enable", "false",
                        "--metrics.enable_tensorboard", "false"]) == 0
     (record,) = [json.loads(line) for line in (out / "shapes_grpo" / "metrics.jsonl").read_text().splitlines()]
     return record

@@ -3,7 +3,7 @@
     python -m titan_flow.bench.shapes [--epochs 60] [--nproc 2] [--algorithms grpo,fast,cps,guard,awm,dpo,online_sft]
                                       [--out outputs/bench_shapes] [--section.key value ...]
 
-Every algorithm starts from the shipped shapes model and runs the shapes GRPO demo
+Every algorithm starts from the shipped shapes model and runs the shapes GRPO recipe
 (train_configs/shapes_grpo.toml, or --config: its model, prompts, reward, rollout batch and eval set;
 run from the repository root) for the same number of epochs, i.e. the same number of sampled images,
 with only its own settings changed (below). Each run evaluates the shipped model before its first

@@ -18,29 +18,18 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import torch
+
 from titan_flow.rl.algorithms.base import RolloutBatch
 from titan_flow.rl.algorithms.sft import FlowSFT
 
 
 class AdvantageWeightedMatching(FlowSFT):
     advantage_mode = "grpo"
+    loss_name = "awm"
 
     def rollout_policy(self):
         return nullcontext(self.model)
 
-    def train(self, batches: list[RolloutBatch], epoch: int) -> dict[str, float]:
-        ga = self.cfg.training.gradient_accumulation_steps
-        clip = self.cfg.rl.adv_clip_max
-
-        def train_batch(batch, stats, bar):
-            weights = batch.advantages.clamp(-clip, clip)
-            loss, record = self.flow_matching_loss(batch.trajectory.latents[:, -1], batch.cond, weights)
-            (loss / ga).backward()
-            stats.add_scalars(record)
-            bar.update(1)
-
-        return self.accumulate(epoch, batches, len(batches), train_batch)
-
-    def summary(self, sc: dict[str, float]) -> str:
-        kl = f"{sc['loss/kl']:.3g}" if "loss/kl" in sc else "-"
-        return f"reward {sc['reward/avg_mean']:.4f}  awm loss {sc['loss/total']:.4g}  fm {sc['loss/fm']:.4g}  kl {kl}"
+    def loss_weights(self, batch: RolloutBatch) -> torch.Tensor:
+        return batch.advantages.clamp(-self.cfg.rl.adv_clip_max, self.cfg.rl.adv_clip_max)

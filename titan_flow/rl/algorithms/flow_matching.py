@@ -60,7 +60,7 @@ class FlowMatchingAlgorithm(OnlineAlgorithm):
         else:
             u = torch.sigmoid(torch.randn(n, generator=self.noise_generator, device=device))
         index = (u * len(grid)).long().clamp(max=len(grid) - 1).to(grid.device)
-        eps = torch.randn(x0.shape, generator=self.noise_generator, device=self.noise_generator.device)
+        eps = torch.randn(x0.shape, generator=self.noise_generator, device=device)
         return grid[index].to(x0.device), eps.to(x0.device)
 
     def velocity_error(self, module, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, cond) -> torch.Tensor:

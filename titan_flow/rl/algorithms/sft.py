@@ -20,6 +20,7 @@ from titan_flow.rl.algorithms.flow_matching import FlowMatchingAlgorithm
 
 class FlowSFT(FlowMatchingAlgorithm):
     advantage_mode = "sft"
+    loss_name = "sft"  # in the epoch's log line
 
     def flow_matching_loss(self, x0: torch.Tensor, cond, weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(loss, scalars to log) of mean_i [w_i |v(x_sigma) - (eps - x_0)|^2 + beta |v - v_initial|^2] with
@@ -42,17 +43,23 @@ class FlowSFT(FlowMatchingAlgorithm):
             record["loss/kl"] = kl.mean()
         return loss, record
 
+    def loss_weights(self, batch: RolloutBatch) -> torch.Tensor:
+        """Each rollout's weight in the flow-matching loss: its tracker advantage (1 for a group's best, else 0)."""
+        return batch.advantages
+
     def train(self, batches: list[RolloutBatch], epoch: int) -> dict[str, float]:
         ga = self.cfg.training.gradient_accumulation_steps
 
         def train_batch(batch, stats, bar):
-            fm_loss, record = self.flow_matching_loss(batch.trajectory.latents[:, -1], batch.cond, batch.advantages)
+            weights = self.loss_weights(batch)
+            fm_loss, record = self.flow_matching_loss(batch.trajectory.latents[:, -1], batch.cond, weights)
             (fm_loss / ga).backward()
-            stats.add_scalars({**record, "sft/selected_fraction": (batch.advantages > 0).float().mean()})
+            stats.add_scalars({**record, "sft/selected_fraction": (weights > 0).float().mean()})
             bar.update(1)
 
         return self.accumulate(epoch, batches, len(batches), train_batch)
 
     def summary(self, sc: dict[str, float]) -> str:
         kl = f"{sc['loss/kl']:.3g}" if "loss/kl" in sc else "-"
-        return f"reward {sc['reward/avg_mean']:.4f}  sft loss {sc['loss/total']:.4g}  fm {sc['loss/fm']:.4g}  kl {kl}"
+        return (f"reward {sc['reward/avg_mean']:.4f}  {self.loss_name} loss {sc['loss/total']:.4g}  "
+                f"fm {sc['loss/fm']:.4g}  kl {kl}")
